@@ -1,0 +1,1 @@
+"""Triton kernels of repa_fused, installed as ``repa_fused.kernels``."""

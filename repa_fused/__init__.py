@@ -1,0 +1,7 @@
+"""repa_fused: fast, exact representation-alignment losses (REPA, U-REPA) for diffusion training."""
+
+from .functional import available_backends, cosine_alignment_loss, manifold_loss, urepa_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["available_backends", "cosine_alignment_loss", "manifold_loss", "urepa_loss", "__version__"]

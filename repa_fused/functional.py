@@ -1,0 +1,158 @@
+"""The public losses: check the arguments, resolve grids and alignment, choose a backend, reduce.
+
+Shapes: ``h`` (B, N_h, D) projected hidden tokens, ``y`` (B, N_y, D) encoder patch tokens, both row-major
+on their grids. Losses come back float32 (float64 for float64 inputs); gradients reach ``h``, and ``y``
+when it requires grad, in their own dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import ops
+
+Grid = tuple[int, int]
+GridArg = Optional[Sequence[int]]
+AlignArg = Union[str, Sequence[int]]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ALIGN_MODES = ("min", "y", "h")
+REDUCTIONS = ("mean", "none")
+BACKEND_CHOICES = ("auto", "reference", "triton", "cpp")
+
+
+def _check_tokens(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, D), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be 3-D (B, N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} must have B, N, D ≥ 1, got shape {tuple(x.shape)}")
+
+
+def _check_grid(name: str, grid) -> Grid:
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+        raise ValueError(f"{name} must be a pair of positive ints (H, W), got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def _known_grid(name: str, grid: GridArg, tokens: int) -> Optional[Grid]:
+    """The given grid (checked against the token count), a square grid for a square count, else None."""
+    if grid is not None:
+        grid = _check_grid(name, grid)
+        if grid[0] * grid[1] != tokens:
+            raise ValueError(f"{name}={grid} has {grid[0] * grid[1]} cells but the tokens number {tokens}")
+        return grid
+    side = math.isqrt(tokens)
+    return (side, side) if side * side == tokens else None
+
+
+def resolve_grids(n_h: int, n_y: int, h_grid: GridArg = None, y_grid: GridArg = None,
+                  align: AlignArg = "min") -> tuple[Grid, Grid, Grid]:
+    """(h_grid, y_grid, target_grid) for token counts ``n_h``, ``n_y``.
+
+    ``align="min"``: the grid with fewer tokens (ties to h's); ``"y"``/``"h"``: that input's grid;
+    ``(H, W)``: that grid. Two unknown (non-square) grids of one token count need no interpolation and
+    are taken as the same layout; any other case that needs a grid it cannot know raises ValueError.
+    """
+    if isinstance(align, str):
+        if align not in ALIGN_MODES:
+            raise ValueError(f"align must be one of {ALIGN_MODES} or a grid (H, W), got {align!r}")
+        explicit = None
+    else:
+        explicit = _check_grid("align", align)
+    g_h = _known_grid("h_grid", h_grid, n_h)
+    g_y = _known_grid("y_grid", y_grid, n_y)
+    if g_h is None and g_y is None and n_h == n_y and (explicit is None or explicit == (n_h, 1)):
+        same = (n_h, 1)  # one unknown layout on both sides: nothing to resample
+        return same, same, same
+    for name, grid, tokens in (("h_grid", g_h, n_h), ("y_grid", g_y, n_y)):
+        if grid is None:
+            raise ValueError(
+                f"{name} is needed: {tokens} tokens are not a square grid and the tokens must be "
+                f"resampled; pass {name}=(H, W) with H·W = {tokens}")
+    if explicit is not None:
+        target = explicit
+    elif align == "h" or (align == "min" and n_h <= n_y):
+        target = g_h
+    else:
+        target = g_y
+    return g_h, g_y, target
+
+
+def _select_backend(backend: str, device: torch.device, op: str):
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "auto":
+        backend = ops.default_backend(device)
+    elif not ops.BACKENDS[backend].available(device):
+        raise ValueError(f"backend={backend!r} is not available on device {device}; available: "
+                         f"{ops.available_backends(device)}")
+    return ops.BACKENDS[backend].ops[op]
+
+
+def _per_sample(op: str, h, y, h_grid, y_grid, align, reduction, backend) -> torch.Tensor:
+    _check_tokens("h", h)
+    _check_tokens("y", y)
+    if h.shape[0] != y.shape[0]:
+        raise ValueError(f"h and y must have the same batch size B, got {h.shape[0]} and {y.shape[0]}")
+    if h.shape[2] != y.shape[2]:
+        raise ValueError(f"h and y must have the same width D (project h first), got {h.shape[2]} and "
+                         f"{y.shape[2]}")
+    if h.device != y.device:
+        raise ValueError(f"h and y must be on the same device, got {h.device} and {y.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    grids = resolve_grids(h.shape[1], y.shape[1], h_grid, y_grid, align)
+    impl = _select_backend(backend, h.device, op)
+    return impl(h, y, *grids)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    return values.mean() if reduction == "mean" else values
+
+
+def cosine_alignment_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None,
+                          y_grid: GridArg = None, align: AlignArg = "min", reduction: str = "mean",
+                          backend: str = "auto") -> torch.Tensor:
+    """REPA's loss: −(1/(B·N)) Σ_b Σ_n ĥ_bn·ŷ_bn on the aligned grid (N target tokens).
+
+    h: (B, N_h, D), y: (B, N_y, D). Returns a scalar (``reduction="mean"``) or (B,) (``"none"``).
+    """
+    return _reduce(_per_sample("cosine", h, y, h_grid, y_grid, align, reduction, backend)[0], reduction)
+
+
+def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None, y_grid: GridArg = None,
+                  align: AlignArg = "min", reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """U-REPA's manifold loss: (1/(B·N²)) Σ_b Σ_ij (ĥ_bi·ĥ_bj − ŷ_bi·ŷ_bj)², no N×N tensor in fused backends.
+
+    h: (B, N_h, D), y: (B, N_y, D). Returns a scalar (``reduction="mean"``) or (B,) (``"none"``).
+    """
+    return _reduce(_per_sample("manifold", h, y, h_grid, y_grid, align, reduction, backend)[0], reduction)
+
+
+def urepa_loss(h: torch.Tensor, y: torch.Tensor, *, manifold_weight: float = 3.0, h_grid: GridArg = None,
+               y_grid: GridArg = None, align: AlignArg = "min", reduction: str = "mean",
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U-REPA: ``(total, alignment, manifold)`` with total = alignment + manifold_weight · manifold.
+
+    Both terms come from one pass over the inputs. Each is a scalar or (B,) per ``reduction``.
+    """
+    if isinstance(manifold_weight, bool) or not isinstance(manifold_weight, (int, float)):
+        raise TypeError(f"manifold_weight must be a real number, got {type(manifold_weight).__name__}")
+    if not math.isfinite(manifold_weight):
+        raise ValueError(f"manifold_weight must be finite, got {manifold_weight}")
+    terms = _per_sample("urepa", h, y, h_grid, y_grid, align, reduction, backend)
+    alignment, manifold = _reduce(terms[0], reduction), _reduce(terms[1], reduction)
+    return alignment + manifold_weight * manifold, alignment, manifold
+
+
+def available_backends(device) -> list[str]:
+    """The backends that can run on ``device``: a subset of ["reference", "triton", "cpp"]."""
+    return ops.available_backends(device)

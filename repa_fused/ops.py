@@ -1,0 +1,217 @@
+"""torch.library custom ops for the losses, and the backend registry.
+
+Every backend implements the same three ops, each a function of ``(h, y, h_grid, y_grid, target_grid)``
+returning per-sample losses of shape (T, B) (T = 1 for ``cosine`` and ``manifold``, 2 for ``urepa``:
+alignment then manifold), float32 (float64 for float64 inputs). A backend supplies a forward and a
+backward implementation; :func:`define_loss_op` turns them into
+
+* a ``torch.library`` custom op ``repa_fused::<op>_<backend>`` with a fake (meta) implementation and
+  autograd, whose backward is itself a custom op, so ``torch.compile(fullgraph=True)`` traces both;
+* an eager fast path (a plain ``torch.autograd.Function`` calling the same implementations) that skips
+  the dispatcher, whose overhead is measurable on small shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+
+OP_NAMES = ("cosine", "manifold", "urepa")
+TERMS = {"cosine": 1, "manifold": 1, "urepa": 2}
+
+# forward(h, y, h_grid, y_grid, target_grid) -> (T, B) losses
+ForwardImpl = Callable[..., torch.Tensor]
+# backward(grad (T, B), h, y, h_grid, y_grid, target_grid, needs_h, needs_y) -> (grad_h | None, grad_y | None)
+BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: BackwardImpl) -> Callable:
+    """Register ``forward``/``backward`` as the ``op`` of ``backend``; return the differentiable callable.
+
+    ``backward`` must return gradients in the dtype of the matching input, or None where not needed.
+    """
+    terms = TERMS[op]
+    name = f"repa_fused::{op}_{backend}"
+
+    def out_dtype(h, y):
+        return reference.compute_dtype(h, y)
+
+    @torch.library.custom_op(name, mutates_args=())
+    def forward_op(h: torch.Tensor, y: torch.Tensor, h_grid: list[int], y_grid: list[int],
+                   target_grid: list[int]) -> torch.Tensor:
+        return forward(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid))
+
+    @forward_op.register_fake
+    def _(h, y, h_grid, y_grid, target_grid):
+        return h.new_empty((terms, h.shape[0]), dtype=out_dtype(h, y))
+
+    @torch.library.custom_op(name + "_backward", mutates_args=())
+    def backward_op(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid: list[int],
+                    y_grid: list[int], target_grid: list[int], needs_h: bool,
+                    needs_y: bool) -> list[torch.Tensor]:
+        grad_h, grad_y = backward(grad, h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid),
+                                  needs_h, needs_y)
+        # A custom op cannot return None: an empty tensor stands for "no gradient".
+        return [grad_h if needs_h else h.new_empty(0), grad_y if needs_y else y.new_empty(0)]
+
+    @backward_op.register_fake
+    def _(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+        return [torch.empty_like(h, memory_format=torch.contiguous_format) if needs_h else h.new_empty(0),
+                torch.empty_like(y, memory_format=torch.contiguous_format) if needs_y else y.new_empty(0)]
+
+    def setup_context(ctx, inputs, output):
+        h, y, h_grid, y_grid, target_grid = inputs
+        ctx.save_for_backward(h, y)
+        ctx.grids = (h_grid, y_grid, target_grid)
+
+    def backward_rule(ctx, grad):
+        h, y = ctx.saved_tensors
+        needs_h, needs_y = ctx.needs_input_grad[:2]
+        grad_h, grad_y = backward_op(grad.contiguous(), h, y, *ctx.grids, needs_h, needs_y)
+        return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None)
+
+    forward_op.register_autograd(backward_rule, setup_context=setup_context)
+
+    class EagerFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, y, h_grid, y_grid, target_grid):
+            ctx.save_for_backward(h, y)
+            ctx.grids = (h_grid, y_grid, target_grid)
+            return forward(h, y, h_grid, y_grid, target_grid)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            h, y = ctx.saved_tensors
+            needs_h, needs_y = ctx.needs_input_grad[:2]
+            grad_h, grad_y = backward(grad.contiguous(), h, y, *ctx.grids, needs_h, needs_y)
+            return grad_h, grad_y, None, None, None
+
+    def call(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid) -> torch.Tensor:
+        h_grid, y_grid, target_grid = tuple(h_grid), tuple(y_grid), tuple(target_grid)
+        if torch.compiler.is_compiling():
+            return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid))
+        return EagerFunction.apply(h, y, h_grid, y_grid, target_grid)
+
+    call.custom_op = forward_op
+    call.backward_op = backward_op
+    call.__name__ = f"{op}_{backend}"
+    return call
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference backend: eager PyTorch through the same custom-op machinery as the fused backends.
+
+
+def _reference_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
+    def make(op):
+        def forward(h, y, h_grid, y_grid, target_grid):
+            with torch.no_grad():
+                return reference.LOSSES[op](h, y, h_grid, y_grid, target_grid)
+
+        def backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+            with torch.no_grad():
+                return reference.loss_gradients(op, grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+
+        return forward, backward
+
+    return {op: make(op) for op in OP_NAMES}
+
+
+def _triton_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
+    from .kernels import cosine, manifold
+
+    return {"cosine": (cosine.forward, cosine.backward),
+            "manifold": (manifold.manifold_forward, manifold.manifold_backward),
+            "urepa": (manifold.urepa_forward, manifold.urepa_backward)}
+
+
+def _cpp_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
+    from . import _cpp_loader
+
+    return _cpp_loader.implementations()
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry. The ops of every backend are defined at import (cheap: no kernel is compiled), so that
+# torch.compile never traces a definition; the implementations behind them load on first use.
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_available(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and triton_interpreter()
+
+
+def _cpp_available(device: torch.device) -> bool:
+    from . import _cpp_loader
+
+    return device.type == "cpu" and _cpp_loader.extension() is not None
+
+
+@dataclass
+class Backend:
+    """A named implementation of the ops. ``ops[op]`` is the differentiable callable
+    ``(h, y, h_grid, y_grid, target_grid) -> (T, B)``; ``devices`` lists the device types it runs on."""
+
+    name: str
+    devices: tuple[str, ...]
+    load: Callable[[], dict[str, tuple[ForwardImpl, BackwardImpl]]] = field(repr=False)
+    ops: dict[str, Callable] = field(default_factory=dict, repr=False)
+    _implementations: Optional[dict] = field(default=None, repr=False)
+
+    def implementations(self) -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
+        if self._implementations is None:
+            self._implementations = self.load()
+        return self._implementations
+
+    def available(self, device) -> bool:
+        return torch.device(device).type in self.devices
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, devices: tuple[str, ...], load) -> Backend:
+    backend = Backend(name, devices, load)
+    for op in OP_NAMES:
+        def forward(*args, _op=op):
+            return backend.implementations()[_op][0](*args)
+
+        def backward(*args, _op=op):
+            return backend.implementations()[_op][1](*args)
+
+        backend.ops[op] = define_loss_op(op, name, forward, backward)
+    BACKENDS[name] = backend
+    return backend
+
+
+# Availability is read once, at import (tests set TRITON_INTERPRET before importing): under
+# torch.compile the choice of backend is then a constant lookup.
+register_backend("reference", ("cpu", "cuda"), _reference_implementations)
+register_backend("triton", tuple(d for d in ("cpu", "cuda") if _triton_available(torch.device(d))),
+                 _triton_implementations)
+register_backend("cpp", ("cpu",) if _cpp_available(torch.device("cpu")) else (), _cpp_implementations)
+
+
+def available_backends(device) -> list[str]:
+    """Backends that can run on ``device`` (a str or torch.device), in the order of BACKENDS."""
+    return [name for name, backend in BACKENDS.items() if backend.available(device)]
+
+
+def default_backend(device: torch.device) -> str:
+    """``"auto"``: Triton on CUDA; on CPU the C++ extension when built, else the reference."""
+    preferred = "triton" if device.type == "cuda" else "cpp"
+    return preferred if BACKENDS[preferred].available(device) else "reference"

@@ -1,0 +1,60 @@
+"""Shared test utilities: random odd-shaped cases and an independent fp64 formula of every loss."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_rmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """rms(ref − out) / rms(ref), robust in low precision (flash-linear-attention's measure)."""
+    out, ref = out.double(), ref.double()
+    return ((ref - out).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
+
+
+def bilinear_matrix(src: int, dst: int) -> torch.Tensor:
+    """(dst, src) fp64 matrix of 1-D linear interpolation, align_corners=False, written from the formula."""
+    m = torch.zeros(dst, src, dtype=torch.float64)
+    scale = src / dst
+    for r in range(dst):
+        s = max((r + 0.5) * scale - 0.5, 0.0)
+        r0 = int(s)
+        r1 = min(r0 + 1, src - 1)
+        lam = s - r0
+        m[r, r0] += 1 - lam
+        m[r, r1] += lam
+    return m
+
+
+def resample(x: torch.Tensor, grid, target) -> torch.Tensor:
+    """(B, H·W, D) -> (B, H_t·W_t, D) through the Kronecker product of the two 1-D operators."""
+    op = torch.kron(bilinear_matrix(grid[0], target[0]), bilinear_matrix(grid[1], target[1]))
+    return torch.einsum("ts,bsd->btd", op, x.double())
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def independent_losses(h, y, h_grid, y_grid, target):
+    """(cosine (B,), manifold (B,)) in fp64 with explicit loops over pairs' einsums."""
+    hh, yy = unit(resample(h, h_grid, target)), unit(resample(y, y_grid, target))
+    n = hh.shape[1]
+    cosine = -torch.einsum("bnd,bnd->b", hh, yy) / n
+    sim_h = torch.einsum("bid,bjd->bij", hh, hh)
+    sim_y = torch.einsum("bid,bjd->bij", yy, yy)
+    manifold = ((sim_h - sim_y) ** 2).sum((1, 2)) / n**2
+    return cosine, manifold
+
+
+# (B, h_grid, y_grid, D, align): B=1, N=1, D prime, non-square grids, up- and down-sampling, every mode.
+ODD_CASES = [
+    (1, (1, 1), (1, 1), 5, "min"),
+    (2, (3, 5), (3, 5), 7, "min"),          # identity, non-square
+    (3, (4, 4), (5, 5), 11, "min"),         # y downsampled to h's grid
+    (2, (6, 5), (3, 4), 13, "min"),         # h downsampled
+    (2, (2, 3), (5, 7), 17, "y"),           # h upsampled to y's grid
+    (1, (7, 3), (4, 4), 3, "h"),
+    (2, (5, 5), (3, 7), 19, (4, 6)),        # explicit target grid
+    (1, (1, 4), (2, 2), 2, "y"),
+    (2, (1, 1), (3, 3), 23, "y"),           # a single token spread over a grid
+]
