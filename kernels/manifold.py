@@ -1,0 +1,600 @@
+"""U-REPA's manifold loss and the fused U-REPA loss in Triton, with no N×N tensor.
+
+Math (DESIGN §1), per image b, N target tokens, Ĥ, Ŷ ∈ R^{N×D} the interpolated, normalised tokens:
+
+    L_man = (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² = (1/N²) ‖S_h − S_y‖²_F,   S_h = ĤĤᵀ, S_y = ŶŶᵀ
+    L_cos = −(1/N) Σ_n ĥ_n·ŷ_n
+    ∂L_man/∂Ĥ = (4/N²)(S_h − S_y) Ĥ,   ∂L_man/∂Ŷ = −(4/N²)(S_h − S_y) Ŷ
+    ∂L/∂x_n   = (G_n − (G_n·x̂_n) x̂_n) / max(‖x_n‖, eps),   then the transposed bilinear interpolation.
+
+Pipeline. A pre-pass interpolates and normalises both inputs once into Z = [Ĥ | Ŷ] (B, N, 2D) in the
+compute dtype, with per-token 1/‖x‖ and ĥ·ŷ (the cosine term): every token is then read N/BLOCK times
+by the similarity tiles, so paying the 4-tap interpolation and the norm once beats redoing them in
+every tile load (measured: notes/manifold.md). Two algorithms then give the same loss:
+
+* tiled (flash-attention style): forward streams the (i ≤ j) tiles of S_h − S_y through registers and
+  sums their squares (symmetry halves the work: 2·N²·D FLOPs). Backward is persistent: each program
+  takes a block of BLOCK_M rows, writes that row panel of S_h − S_y (BLOCK_M × N) to its own scratch
+  (scratch is programs × BLOCK_M × N: linear in N), then multiplies the panel by Ĥ chunk by chunk of D
+  (D is far wider than a register tile: 6·N²·D FLOPs). The normaliser's radial term needs
+  G_i·ĥ_i = (4g/N²) Σ_j (S_h − S_y)_ij (S_h)_ij − (g_cos/N) ĥ_i·ŷ_i, which phase 1 already has, so the
+  gradient leaves the kernel projected and scaled, never stored unnormalised.
+* gram: ‖S_h − S_y‖²_F = ‖ĤᵀĤ‖²_F + ‖ŶᵀŶ‖²_F − 2‖ĤᵀŶ‖²_F and (S_h − S_y)Ĥ = Ĥ(ĤᵀĤ) − Ŷ(ŶᵀĤ), i.e.
+  Zᵀ Z with signs (8·N·D² FLOPs) and Z·[ĤᵀĤ; −ŶᵀĤ] (4·N·D² each way), through cuBLAS. It subtracts large
+  numbers, so the D×D products are kept in fp32 and the second product multiplies by a bf16 hi + lo
+  split of them; the forward falls back to tiled when the cancellation ratio is too large (see
+  GRAM_MAX_CANCELLATION). Cost model and accuracy bound: notes/manifold.md.
+
+Choice: REPA_FUSED_MANIFOLD_ALGO=auto|tiled|gram (read at import) or the module attribute ALGORITHM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from repa_fused import reference
+
+from . import interp
+
+NORM_EPS = reference.NORM_EPS
+ALGORITHMS = ("auto", "tiled", "gram")
+ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
+
+# Cost model (FLOPs per image, h-gradient only; y's gradient adds the same again to both backward paths):
+#   tiled: forward 2·N²·D, backward 6·N²·D;  gram: forward 8·N·D², backward 12·N·D²
+# and cuBLAS runs its products GRAM_EFFICIENCY times faster than the Triton tiles (measured, notes).
+GRAM_EFFICIENCY = 1.3
+# Gram's forward loses about 2^-24·√N·ratio of relative accuracy, ratio = (‖ĤᵀĤ‖² + ‖ŶᵀŶ‖²) / ‖S_h − S_y‖²
+# (measured against fp64, notes/manifold.md); above this ratio the tiled kernel recomputes the loss.
+GRAM_MAX_CANCELLATION = 1e4
+
+
+def choose_algorithm(n_tokens: int, dim: int, backward: bool = False) -> str:
+    """"tiled" or "gram" for N target tokens of width D: ALGORITHM when forced, else the cheaper one."""
+    if ALGORITHM not in ALGORITHMS:
+        raise ValueError(f"REPA_FUSED_MANIFOLD_ALGO / manifold.ALGORITHM must be one of {ALGORITHMS}, "
+                         f"got {ALGORITHM!r}")
+    if ALGORITHM != "auto":
+        return ALGORITHM
+    tiled = (6.0 if backward else 2.0) * n_tokens * n_tokens * dim
+    gram = (12.0 if backward else 8.0) * n_tokens * dim * dim / GRAM_EFFICIENCY
+    return "gram" if gram < tiled else "tiled"
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _similarity_tiles(z_ptr, stride_n, rows, cols, n_tokens, dim,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """(Ĥ[rows] Ĥ[cols]ᵀ, Ŷ[rows] Ŷ[cols]ᵀ) in fp32 for one image's Z = [Ĥ | Ŷ]; rows ≥ N read as 0."""
+    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    m_r = rows < n_tokens
+    m_c = cols < n_tokens
+    for k0 in range(0, dim, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m_k = ks < dim
+        p_r = z_ptr + rows[:, None] * stride_n + ks[None, :]
+        p_c = z_ptr + cols[:, None] * stride_n + ks[None, :]
+        m_rk = m_r[:, None] & m_k[None, :]
+        m_ck = m_c[:, None] & m_k[None, :]
+        b_hr = tl.load(p_r, mask=m_rk, other=0.0).to(COMPUTE)
+        b_hc = tl.load(p_c, mask=m_ck, other=0.0).to(COMPUTE)
+        acc_h = tl.dot(b_hr, tl.trans(b_hc), acc_h, input_precision=PRECISION)
+        b_yr = tl.load(p_r + dim, mask=m_rk, other=0.0).to(COMPUTE)
+        b_yc = tl.load(p_c + dim, mask=m_ck, other=0.0).to(COMPUTE)
+        acc_y = tl.dot(b_yr, tl.trans(b_yc), acc_y, input_precision=PRECISION)
+    return acc_h, acc_y
+
+
+@triton.jit
+def _tiled_forward_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, stride_zb, stride_zn,
+                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """partial[b, pair] = w·‖(S_h − S_y)[tile i, tile j]‖²_F over tile pairs i ≤ j (w = 2 off the diagonal).
+
+    grid (pairs, B); pair = j(j+1)/2 + i. The (B, pairs) partials are summed on the host in a fixed order.
+    """
+    pair = tl.program_id(0)
+    b = tl.program_id(1)
+    # Invert pair = j(j+1)/2 + i; the float root can be one off either way, so correct it.
+    tj = ((tl.sqrt(8.0 * pair.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where(tj * (tj + 1) // 2 > pair, tj - 1, tj)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pair, tj + 1, tj)
+    ti = pair - tj * (tj + 1) // 2
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, stride_zn, rows, cols, n_tokens,
+                                     dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION)
+    diff = acc_h - acc_y
+    total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+    tl.store(partial_ptr + b * n_pairs + pair, tl.where(ti == tj, total, 2.0 * total))
+
+
+@triton.jit
+def _panel_gradient(panel_ptr, width, z_ptr, stride_zn, own_off, other_off, rows, n_tokens, dim,
+                    c_man, c_cos, radial, rnorm, out_ptr, stride_on,
+                    HAS_COS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """out[rows] = (G − radial·x̂) · rnorm, G = c_man·(panel @ X̂) − c_cos·other, chunk by chunk of D.
+
+    panel: this program's (BLOCK_M, width) rows of S_h − S_y; X̂ = Z[:, own_off:own_off + D].
+    """
+    m_r = rows < n_tokens
+    r_local = tl.arange(0, BLOCK_M)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m_d = ds < dim
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, width, BLOCK_N):
+            ks = k0 + tl.arange(0, BLOCK_N)
+            b_p = tl.load(panel_ptr + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
+            b_x = tl.load(z_ptr + ks[:, None] * stride_zn + own_off + ds[None, :],
+                          mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
+            acc = tl.dot(b_p, b_x, acc, input_precision=PRECISION)
+        m_rd = m_r[:, None] & m_d[None, :]
+        b_own = tl.load(z_ptr + rows[:, None] * stride_zn + own_off + ds[None, :], mask=m_rd,
+                        other=0.0).to(tl.float32)
+        grad = c_man * acc
+        if HAS_COS:
+            b_other = tl.load(z_ptr + rows[:, None] * stride_zn + other_off + ds[None, :], mask=m_rd,
+                              other=0.0).to(tl.float32)
+            grad -= c_cos * b_other
+        grad = (grad - radial[:, None] * b_own) * rnorm[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_on + ds[None, :], grad.to(out_ptr.dtype.element_ty),
+                 mask=m_rd)
+
+
+@triton.jit
+def _tiled_backward_kernel(z_ptr, stats_ptr, coef_ptr, scratch_ptr, out_h_ptr, out_y_ptr,
+                           n_tokens, dim, n_row_tiles, n_items, stride_zb, stride_zn,
+                           stride_hb, stride_hn, stride_yb, stride_yn,
+                           NEEDS_H: tl.constexpr, NEEDS_Y: tl.constexpr, HAS_COS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """Persistent: item = (b, row tile). Phase 1 writes the row panel of S_h − S_y to this program's
+    scratch and the radial sums; phase 2 multiplies it by Ĥ (and Ŷ) into normaliser-projected grads.
+
+    stats (B, 3, N): 1/‖h‖, 1/‖y‖, ĥ·ŷ; coef (B, 2): 4·g_man/N², g_cos/N.
+    """
+    pid = tl.program_id(0)
+    width = tl.cdiv(n_tokens, BLOCK_N) * BLOCK_N
+    panel_ptr = scratch_ptr + pid.to(tl.int64) * BLOCK_M * width
+    r_local = tl.arange(0, BLOCK_M)
+    for item in range(pid, n_items, tl.num_programs(0)):
+        b = item // n_row_tiles
+        rows = (item % n_row_tiles) * BLOCK_M + r_local
+        m_r = rows < n_tokens
+        z_b = z_ptr + b.to(tl.int64) * stride_zb
+        radial_h = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        radial_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, width, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            acc_h, acc_y = _similarity_tiles(z_b, stride_zn, rows, cols, n_tokens, dim,
+                                             BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, PRECISION)
+            diff = acc_h - acc_y
+            radial_h += tl.sum(diff * acc_h, axis=1)
+            radial_y += tl.sum(diff * acc_y, axis=1)
+            tl.store(panel_ptr + r_local[:, None] * width + cols[None, :],
+                     diff.to(scratch_ptr.dtype.element_ty))
+        # The panel was written by all threads of this program; phase 2 reads it in other layouts.
+        tl.debug_barrier()
+        c_man = tl.load(coef_ptr + 2 * b)
+        c_cos = tl.load(coef_ptr + 2 * b + 1)
+        stats_b = stats_ptr + b.to(tl.int64) * 3 * n_tokens
+        cos = radial_h * 0.0
+        if HAS_COS:
+            cos = tl.load(stats_b + 2 * n_tokens + rows, mask=m_r, other=0.0)
+        if NEEDS_H:
+            rnorm = tl.load(stats_b + rows, mask=m_r, other=0.0)
+            # Below eps the normaliser is a plain scaling: no radial projection (as the reference).
+            radial = tl.where(rnorm < 1.0 / 1e-12, c_man * radial_h - c_cos * cos, 0.0)
+            _panel_gradient(panel_ptr, width, z_b, stride_zn, 0, dim, rows, n_tokens, dim, c_man, c_cos,
+                            radial, rnorm, out_h_ptr + b.to(tl.int64) * stride_hb, stride_hn,
+                            HAS_COS, BLOCK_M, BLOCK_N, BLOCK_D, COMPUTE, PRECISION)
+        if NEEDS_Y:
+            rnorm = tl.load(stats_b + n_tokens + rows, mask=m_r, other=0.0)
+            radial = tl.where(rnorm < 1.0 / 1e-12, -c_man * radial_y - c_cos * cos, 0.0)
+            _panel_gradient(panel_ptr, width, z_b, stride_zn, dim, 0, rows, n_tokens, dim, -c_man, c_cos,
+                            radial, rnorm, out_y_ptr + b.to(tl.int64) * stride_yb, stride_yn,
+                            HAS_COS, BLOCK_M, BLOCK_N, BLOCK_D, COMPUTE, PRECISION)
+        # The next item overwrites the panel.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _unit_backward_kernel(g_ptr, g_lo_ptr, z_ptr, stats_ptr, coef_ptr, out_ptr, n_tokens, dim,
+                          stride_zb, stride_zn, stride_ob, stride_on, own_off, other_off, own_stat, sign,
+                          HAS_LO: tl.constexpr, HAS_COS: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gram path: out = (G − (G·x̂) x̂)·rnorm, G = sign·c_man·(g + g_lo) − c_cos·other; g: (B, N, D) fp32.
+
+    Two passes over D: the radial dot needs the whole row first.
+    """
+    b = tl.program_id(1)
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = toks < n_tokens
+    c_man = sign * tl.load(coef_ptr + 2 * b)
+    c_cos = tl.load(coef_ptr + 2 * b + 1)
+    z_b = z_ptr + b.to(tl.int64) * stride_zb
+    g_b = b.to(tl.int64) * n_tokens * dim
+    radial = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for pass_ in tl.static_range(2):
+        for d0 in range(0, dim, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            m = m_t[:, None] & (ds < dim)[None, :]
+            offs = toks[:, None] * dim + ds[None, :]
+            grad = tl.load(g_ptr + g_b + offs, mask=m, other=0.0)
+            if HAS_LO:
+                grad += tl.load(g_lo_ptr + g_b + offs, mask=m, other=0.0).to(tl.float32)
+            grad *= c_man
+            if HAS_COS:
+                grad -= c_cos * tl.load(z_b + toks[:, None] * stride_zn + other_off + ds[None, :], mask=m,
+                                        other=0.0).to(tl.float32)
+            b_own = tl.load(z_b + toks[:, None] * stride_zn + own_off + ds[None, :], mask=m,
+                            other=0.0).to(tl.float32)
+            if pass_ == 0:
+                radial += tl.sum(grad * b_own, axis=1)
+            else:
+                rnorm = tl.load(stats_ptr + (b * 3 + own_stat) * n_tokens + toks, mask=m_t, other=0.0)
+                proj = tl.where(rnorm < 1.0 / 1e-12, radial, 0.0)
+                out = (grad - proj[:, None] * b_own) * rnorm[:, None]
+                tl.store(out_ptr + b.to(tl.int64) * stride_ob + toks[:, None] * stride_on + ds[None, :],
+                         out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, n_tokens, dim, width_t,
+                    stride_hb, stride_hn, stride_hd, stride_yb, stride_yn, stride_yd, stride_zb, stride_zn,
+                    h_height, h_width, h_scale_h, h_scale_w, y_height, y_width, y_scale_h, y_scale_w,
+                    H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Z[b, t] = [ĥ_t | ŷ_t] on the target grid; stats[b] = (1/max(‖h_t‖, eps), 1/max(‖y_t‖, eps), ĥ_t·ŷ_t).
+
+    grid (token blocks, B). Pass 1 gathers the norms and the dot, pass 2 re-reads (from L2) and writes.
+    """
+    b = tl.program_id(1)
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = toks < n_tokens
+    h_b = h_ptr + b.to(tl.int64) * stride_hb
+    y_b = y_ptr + b.to(tl.int64) * stride_yb
+    z_b = z_ptr + b.to(tl.int64) * stride_zb
+    sq_h = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    sq_y = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m = m_t[:, None] & (ds < dim)[None, :]
+        v_h = interp.load_resampled(h_b, toks, stride_hn, ds * stride_hd, m, width_t, h_height, h_width,
+                                    h_scale_h, h_scale_w, H_IDENTITY)
+        v_y = interp.load_resampled(y_b, toks, stride_yn, ds * stride_yd, m, width_t, y_height, y_width,
+                                    y_scale_h, y_scale_w, Y_IDENTITY)
+        sq_h += tl.sum(v_h * v_h, axis=1)
+        sq_y += tl.sum(v_y * v_y, axis=1)
+        dot += tl.sum(v_h * v_y, axis=1)
+    rnorm_h = 1.0 / tl.maximum(tl.sqrt(sq_h), 1e-12)
+    rnorm_y = 1.0 / tl.maximum(tl.sqrt(sq_y), 1e-12)
+    stats_b = stats_ptr + b.to(tl.int64) * 3 * n_tokens
+    tl.store(stats_b + toks, rnorm_h, mask=m_t)
+    tl.store(stats_b + n_tokens + toks, rnorm_y, mask=m_t)
+    tl.store(stats_b + 2 * n_tokens + toks, dot * rnorm_h * rnorm_y, mask=m_t)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m = m_t[:, None] & (ds < dim)[None, :]
+        v_h = interp.load_resampled(h_b, toks, stride_hn, ds * stride_hd, m, width_t, h_height, h_width,
+                                    h_scale_h, h_scale_w, H_IDENTITY)
+        v_y = interp.load_resampled(y_b, toks, stride_yn, ds * stride_yd, m, width_t, y_height, y_width,
+                                    y_scale_h, y_scale_w, Y_IDENTITY)
+        p_z = z_b + toks[:, None] * stride_zn + ds[None, :]
+        tl.store(p_z, (v_h * rnorm_h[:, None]).to(z_ptr.dtype.element_ty), mask=m)
+        tl.store(p_z + dim, (v_y * rnorm_y[:, None]).to(z_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height_t, width_t, height_s,
+                    width_s, scale_h, scale_w, k_rows, k_cols, stride_gb, stride_gn, stride_ob, stride_on,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, s] = Σ_t w(t, s)·g[b, t]: the transposed bilinear resampling as a gather (deterministic).
+
+    Source token s = (row, col) is read by target rows start_r[row] … + k_rows − 1 and columns
+    start_c[col] … + k_cols − 1 (interp.adjoint_span); interp.tap_weight zeroes the rest.
+    """
+    b = tl.program_id(1)
+    src = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    m_s = src < n_src
+    row = src // width_s
+    col = src % width_s
+    r_start = tl.load(start_r_ptr + row, mask=m_s, other=0)
+    c_start = tl.load(start_c_ptr + col, mask=m_s, other=0)
+    g_b = g_ptr + b.to(tl.int64) * stride_gb
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m_d = ds < dim
+        acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+        for a in range(k_rows):
+            t_row = r_start + a
+            w_row = interp.tap_weight(row, t_row, height_t, scale_h, height_s)
+            for c in range(k_cols):
+                t_col = c_start + c
+                w = w_row * interp.tap_weight(col, t_col, width_t, scale_w, width_s)
+                m = (m_s & (w != 0.0))[:, None] & m_d[None, :]
+                taps = tl.load(g_b + (t_row * width_t + t_col)[:, None] * stride_gn + ds[None, :], mask=m,
+                               other=0.0)
+                acc += w[:, None] * taps.to(tl.float32)
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + src[:, None] * stride_on + ds[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=m_s[:, None] & m_d[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclass
+class _Config:
+    """Tile shapes. GPU values are the H100/H200 measurements of notes/manifold.md; under the
+    interpreter every block is 16 (the smallest tl.dot) so that CPU tests stay fast."""
+
+    fwd_block: int = 128
+    fwd_block_k: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    bwd_block_m: int = 64
+    bwd_block_n: int = 128
+    bwd_block_k: int = 64
+    bwd_block_d: int = 128
+    bwd_warps: int = 4
+    bwd_stages: int = 3
+    vec_block_t: int = 16
+    vec_block_d: int = 128
+
+    @classmethod
+    def current(cls) -> "_Config":
+        if _interpreting():
+            return cls(16, 16, 1, 1, 16, 16, 16, 16, 1, 1, 16, 16)
+        return CONFIG
+
+
+CONFIG = _Config()
+
+
+@dataclass
+class _Prepared:
+    """The pre-pass output: z (B, N, 2D) = [Ĥ | Ŷ] in the compute dtype; stats (B, 3, N) fp32 =
+    (1/‖h‖, 1/‖y‖, ĥ·ŷ) on the target grid."""
+
+    z: torch.Tensor
+    stats: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        batch, n_tokens, two_d = self.z.shape
+        return batch, n_tokens, two_d // 2
+
+    def dot_args(self) -> dict:
+        """constexprs of the tl.dot kernels: the operand dtype (fp32 under the interpreter, whose bf16
+        arithmetic is wrong) and the fp32 precision PyTorch allows for matmuls (TF32 or IEEE)."""
+        dtype = self.z.dtype
+        compute = tl.float32 if _interpreting() else _TL_DTYPES[dtype]
+        tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+        return {"COMPUTE": compute, "PRECISION": "tf32" if tf32 and not _interpreting() else "ieee"}
+
+
+def _compute_dtype(h: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(h.dtype, y.dtype)
+
+
+def _prepare(h, y, h_grid, y_grid, target_grid) -> _Prepared:
+    batch, _, dim = h.shape
+    n_tokens = target_grid[0] * target_grid[1]
+    z = torch.empty(batch, n_tokens, 2 * dim, dtype=_compute_dtype(h, y), device=h.device)
+    stats = torch.empty(batch, 3, n_tokens, dtype=torch.float32, device=h.device)
+    cfg = _Config.current()
+    grid = (triton.cdiv(n_tokens, cfg.vec_block_t), batch)
+    _prepass_kernel[grid](
+        h, y, z, stats, n_tokens, dim, target_grid[1], *h.stride(), *y.stride(), z.stride(0), z.stride(1),
+        h_grid[0], h_grid[1], interp.axis_scale(h_grid[0], target_grid[0]),
+        interp.axis_scale(h_grid[1], target_grid[1]),
+        y_grid[0], y_grid[1], interp.axis_scale(y_grid[0], target_grid[0]),
+        interp.axis_scale(y_grid[1], target_grid[1]),
+        H_IDENTITY=tuple(h_grid) == tuple(target_grid), Y_IDENTITY=tuple(y_grid) == tuple(target_grid),
+        BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d)
+    return _Prepared(z, stats)
+
+
+def _tiled_loss(prep: _Prepared) -> torch.Tensor:
+    batch, n_tokens, dim = prep.shape
+    cfg = _Config.current()
+    tiles = triton.cdiv(n_tokens, cfg.fwd_block)
+    pairs = tiles * (tiles + 1) // 2
+    # (B, pairs) with pairs ≈ N²/(2·BLOCK²): a few KB, summed in a fixed order (deterministic).
+    partial = torch.empty(batch, pairs, dtype=torch.float32, device=prep.z.device)
+    _tiled_forward_kernel[(pairs, batch)](
+        prep.z, partial, n_tokens, dim, pairs, prep.z.stride(0), prep.z.stride(1),
+        BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        **prep.dot_args())
+    return partial.sum(1) / n_tokens**2
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation; cuBLAS writes 16-bit inputs straight to fp32)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _gram_loss(prep: _Prepared) -> Optional[torch.Tensor]:
+    """The loss from ZᵀZ = [[ĤᵀĤ, ĤᵀŶ], [ŶᵀĤ, ŶᵀŶ]] (fp32), or None when it cancels too much."""
+    batch, n_tokens, dim = prep.shape
+    gram = _bmm_f32(prep.z.mT, prep.z)
+
+    def frob2(block):
+        return torch.linalg.vector_norm(block, dim=(1, 2)).double().square()
+
+    same = frob2(gram[:, :dim, :dim]) + frob2(gram[:, dim:, dim:])
+    total = same - 2.0 * frob2(gram[:, :dim, dim:])
+    if bool((same > GRAM_MAX_CANCELLATION * total).any()):
+        return None
+    return (total / n_tokens**2).float()
+
+
+def manifold_values(prep: _Prepared, algorithm: Optional[str] = None) -> torch.Tensor:
+    """(B,) per-image manifold loss from the pre-pass, by ``algorithm`` (default: the cost model)."""
+    _, n_tokens, dim = prep.shape
+    algorithm = algorithm or choose_algorithm(n_tokens, dim)
+    if algorithm == "gram":
+        loss = _gram_loss(prep)
+        if loss is not None:
+            return loss
+    return _tiled_loss(prep)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 3  # the interpreter: a few programs, so the persistent loop takes several items
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tiled_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
+    batch, n_tokens, dim = prep.shape
+    cfg = _Config.current()
+    row_tiles = triton.cdiv(n_tokens, cfg.bwd_block_m)
+    items = batch * row_tiles
+    programs = min(items, _sm_count(prep.z.device))
+    width = triton.cdiv(n_tokens, cfg.bwd_block_n) * cfg.bwd_block_n
+    # One row panel per program: programs × BLOCK_M × N, linear in N.
+    scratch = torch.empty(programs, cfg.bwd_block_m, width, dtype=prep.z.dtype, device=prep.z.device)
+    dummy = prep.z
+    _tiled_backward_kernel[(programs,)](
+        prep.z, prep.stats, coef, scratch, out_h if out_h is not None else dummy,
+        out_y if out_y is not None else dummy, n_tokens, dim, row_tiles, items,
+        prep.z.stride(0), prep.z.stride(1),
+        *(out_h.stride()[:2] if out_h is not None else (0, 0)),
+        *(out_y.stride()[:2] if out_y is not None else (0, 0)),
+        NEEDS_H=out_h is not None, NEEDS_Y=out_y is not None, HAS_COS=has_cos,
+        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.bwd_block_k, BLOCK_D=cfg.bwd_block_d,
+        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **prep.dot_args())
+
+
+def _gram_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
+    """G_x = ±(S_h − S_y)X̂ = ±Z·[ĤᵀX̂; −ŶᵀX̂], the D×D products in fp32 and multiplied back as a bf16
+    hi + lo pair (one bf16 rounding of them would be amplified by the cancellation)."""
+    batch, n_tokens, dim = prep.shape
+    cfg = _Config.current()
+    z = prep.z
+    for out, own_off, sign in ((out_h, 0, 1.0), (out_y, dim, -1.0)):
+        if out is None:
+            continue
+        products = _bmm_f32(z.mT, z[:, :, own_off:own_off + dim])
+        products[:, dim:].neg_()
+        if z.dtype == torch.float32:
+            grad, grad_lo = torch.bmm(z, products), None
+        else:
+            hi = products.to(z.dtype)
+            grad = _bmm_f32(z, hi)
+            grad_lo = torch.bmm(z, products.sub_(hi).to(z.dtype))
+            del hi
+        del products
+        _unit_backward_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), batch)](
+            grad, grad_lo if grad_lo is not None else grad, z, prep.stats, coef, out, n_tokens, dim,
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1), own_off, dim - own_off, own_off // dim,
+            sign, HAS_LO=grad_lo is not None, HAS_COS=has_cos, BLOCK_T=cfg.vec_block_t,
+            BLOCK_D=cfg.vec_block_d)
+
+
+def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
+    """The transposed resampling of a target-grid gradient back to ``like``'s grid (a gather)."""
+    batch, n_src, dim = like.shape
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    start_r, k_rows = interp.adjoint_start_table(grid[0], target_grid[0], like.device)
+    start_c, k_cols = interp.adjoint_start_table(grid[1], target_grid[1], like.device)
+    cfg = _Config.current()
+    _adjoint_kernel[(triton.cdiv(n_src, cfg.vec_block_t), batch)](
+        grad_t, out, start_r, start_c, n_src, dim, target_grid[0], target_grid[1], grid[0], grid[1],
+        interp.axis_scale(grid[0], target_grid[0]), interp.axis_scale(grid[1], target_grid[1]),
+        k_rows, k_cols, grad_t.stride(0), grad_t.stride(1), out.stride(0), out.stride(1),
+        BLOCK_S=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d)
+    return out
+
+
+def _target_buffer(x: torch.Tensor, grid, target_grid) -> torch.Tensor:
+    """Where the kernels write x's gradient: x's own gradient when no resampling follows."""
+    if tuple(grid) == tuple(target_grid):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty(x.shape[0], target_grid[0] * target_grid[1], x.shape[2], dtype=x.dtype,
+                       device=x.device)
+
+
+def _backward(grad_cos, grad_man, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+    prep = _prepare(h, y, h_grid, y_grid, target_grid)
+    batch, n_tokens, dim = prep.shape
+    coef = torch.zeros(batch, 2, dtype=torch.float32, device=h.device)
+    coef[:, 0] = grad_man.float() * (4.0 / n_tokens**2)
+    if grad_cos is not None:
+        coef[:, 1] = grad_cos.float() / n_tokens
+    out_h = _target_buffer(h, h_grid, target_grid) if needs_h else None
+    out_y = _target_buffer(y, y_grid, target_grid) if needs_y else None
+    if choose_algorithm(n_tokens, dim, backward=True) == "gram":
+        _gram_backward(prep, coef, out_h, out_y, grad_cos is not None)
+    else:
+        _tiled_backward(prep, coef, out_h, out_y, grad_cos is not None)
+    del prep  # Z and the scratch go before the resampled gradients are allocated (peak memory)
+    if needs_h and tuple(h_grid) != tuple(target_grid):
+        out_h = _adjoint(out_h, h, h_grid, target_grid)
+    if needs_y and tuple(y_grid) != tuple(target_grid):
+        out_y = _adjoint(out_y, y, y_grid, target_grid)
+    return out_h, out_y
+
+
+# --------------------------------------------------------------------------------------------------
+# The op implementations (ops._triton_implementations). float64 (gradcheck) has no tensor-core dot:
+# it runs the reference.
+
+
+def _float64(h, y) -> bool:
+    return h.dtype == torch.float64 or y.dtype == torch.float64
+
+
+def manifold_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
+    """(1, B) fp32: (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² per image. h: (B, N_h, D), y: (B, N_y, D)."""
+    if _float64(h, y):
+        return reference.LOSSES["manifold"](h, y, h_grid, y_grid, target_grid)
+    return manifold_values(_prepare(h, y, h_grid, y_grid, target_grid)).unsqueeze(0)
+
+
+def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b], in the inputs' dtypes and shapes."""
+    if _float64(h, y):
+        return reference.loss_gradients("manifold", grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+    return _backward(None, grad[0], h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+
+
+def urepa_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
+    """(2, B) fp32: row 0 −(1/N) Σ_n ĥ_n·ŷ_n, row 1 the manifold loss, from one pre-pass."""
+    if _float64(h, y):
+        return reference.LOSSES["urepa"](h, y, h_grid, y_grid, target_grid)
+    prep = _prepare(h, y, h_grid, y_grid, target_grid)
+    alignment = -prep.stats[:, 2].sum(1) / prep.shape[1]
+    return torch.stack((alignment, manifold_values(prep)))
+
+
+def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b]."""
+    if _float64(h, y):
+        return reference.loss_gradients("urepa", grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+    return _backward(grad[0], grad[1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
