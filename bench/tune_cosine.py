@@ -1,0 +1,167 @@
+"""Scratch benchmark of the fused cosine kernels on a GPU (see notes/cosine.md for the results).
+
+python bench/tune_cosine.py [--sweep]   # bf16 fwd+bwd: eager, torch.compile, triton; copy bandwidth;
+                                        # kernel-level split; block-size sweep; eager per-call overhead
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+import repa_fused as rf
+from repa_fused import reference
+from repa_fused.kernels import cosine
+
+CASES = {  # name: (B, h_grid, y_grid, D, target)
+    "sit": (32, (16, 16), (16, 16), 768, (16, 16)),
+    "flux": (4, (64, 64), (37, 37), 1536, (37, 37)),
+}
+
+
+def inputs(case, dtype=torch.bfloat16):
+    b, hg, yg, d, _ = CASES[case]
+    h = torch.randn(b, hg[0] * hg[1], d, device="cuda", dtype=dtype).requires_grad_(True)
+    y = torch.randn(b, yg[0] * yg[1], d, device="cuda", dtype=dtype)
+    return h, y
+
+
+def min_bytes(h, y):
+    return 2 * h.numel() * h.element_size() + y.numel() * y.element_size()
+
+
+def median_ms(fn):
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def events_ms(fn, reps=100):
+    """The lead's harness style: events around each call, synchronised (includes host overhead)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def copy_gbps():
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def fwd_bwd(loss, h, y):
+    def step():
+        h.grad = None
+        loss(h, y).backward()
+    return step
+
+
+def compare(copy):
+    print(f"{'case':6} {'variant':8} {'do_bench ms':>11} {'events ms':>10} {'vs eager':>9} {'vs compile':>10} "
+          f"{'GB/s':>7} {'% copy':>7} {'peak MiB':>9} {'grad MiB':>9}")
+    for case in CASES:
+        b, hg, yg, d, tg = CASES[case]
+        h, y = inputs(case)
+        grids = (hg, yg, tg)
+        eager = lambda h, y: reference.cosine_alignment(h, y, *grids).mean()
+        variants = {"eager": eager, "compile": torch.compile(eager, dynamic=False),
+                    "triton": lambda h, y: rf.cosine_alignment_loss(h, y, h_grid=hg, y_grid=yg, backend="triton")}
+        res = {}
+        for name, loss in variants.items():
+            step = fwd_bwd(loss, h, y)
+            ms, ev = median_ms(step), events_ms(step)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            res[name] = ms
+            gbps = min_bytes(h, y) / ms / 1e6
+            print(f"{case:6} {name:8} {ms:11.4f} {ev:10.4f} {res['eager'] / ms:8.2f}x "
+                  f"{res.get('compile', ms) / ms:9.2f}x {gbps:7.0f} {100 * gbps / copy:6.1f}% {peak:9.1f} "
+                  f"{h.numel() * h.element_size() / 2**20:9.1f}")
+        # Kernel split: forward alone, backward alone (scalars cached by the forward).
+        with torch.no_grad():
+            fw = median_ms(lambda: cosine.forward(h, y, *grids))
+            cosine.forward(h, y, *grids)
+            g = torch.full((1, b), 1.0 / b, device="cuda")
+            bw = median_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
+        rd = (h.numel() * h.element_size() + y.numel() * y.element_size()) / 1e6
+        wr = h.numel() * h.element_size() / 1e6
+        print(f"       forward {fw:.4f} ms ({rd / fw / 1e3:.0f} GB/s of reads), backward {bw:.4f} ms "
+              f"({(rd + wr) / bw / 1e3:.0f} GB/s read+write)")
+
+
+def sweep():
+    """Block sizes of each kernel on the Flux and SiT cases (kernel time only)."""
+    fwd_default, bwd_default = cosine._forward_blocks, cosine._backward_blocks
+    for case in CASES:
+        b, hg, yg, d, tg = CASES[case]
+        h, y = inputs(case)
+        grids = (hg, yg, tg)
+        g = torch.full((1, b), 1.0 / b, device="cuda")
+        with torch.no_grad():
+            for bt, bd, w in [(4, 256, 4), (8, 256, 4), (16, 128, 4), (8, 128, 4), (16, 256, 8), (4, 512, 4),
+                              (8, 512, 8), (2, 1024, 4), (32, 64, 4)]:
+                cosine._forward_blocks = lambda dim, c=(bt, bd, w): c
+                ms = median_ms(lambda: cosine.forward(h, y, *grids))
+                print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
+            cosine._forward_blocks = fwd_default
+            cosine.forward(h, y, *grids)
+            for bj, bd, w in [(32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 64, 4), (16, 256, 4), (64, 128, 8),
+                              (32, 256, 8), (8, 256, 4)]:
+                cosine._backward_blocks = lambda cols, dim, c=(bj, bd, w): c
+                ms = median_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
+                print(f"{case} backward BLOCK_J={bj} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
+            cosine._backward_blocks = bwd_default
+
+
+def overhead():
+    """Host time of one eager fwd+bwd on a tiny input (GPU work negligible): triton vs reference."""
+    h = torch.randn(1, 4, 8, device="cuda").requires_grad_(True)
+    y = torch.randn(1, 4, 8, device="cuda")
+    for backend in ("triton", "reference"):
+        step = fwd_bwd(lambda h, y: rf.cosine_alignment_loss(h, y, backend=backend), h, y)
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            step()
+        torch.cuda.synchronize()
+        print(f"tiny input fwd+bwd host overhead, {backend}: {(time.perf_counter() - t0) / 200 * 1e6:.1f} us/call")
+    eager = lambda h, y: reference.cosine_alignment(h, y, (2, 2), (2, 2), (2, 2)).mean()
+    step = fwd_bwd(eager, h, y)
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        step()
+    torch.cuda.synchronize()
+    print(f"tiny input fwd+bwd host overhead, plain eager autograd: {(time.perf_counter() - t0) / 200 * 1e6:.1f} us/call")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    copy = copy_gbps()
+    print(f"copy bandwidth {copy:.0f} GB/s (read + write, 1 GiB fp32)")
+    overhead()
+    compare(copy)
+    if args.sweep:
+        sweep()

@@ -1,0 +1,276 @@
+"""Fused REPA cosine alignment: bilinear token resampling + normalisation + cosine, forward and backward.
+
+Math (DESIGN §1). Per sample b and target token t of the (H_t, W_t) grid, h_t and y_t are the bilinear
+resamples of h and y (see interp.py; the identity grid is a plain load), and with
+n_h = ‖h_t‖, n_y = ‖y_t‖, r_h = 1/max(n_h, ε), r_y = 1/max(n_y, ε), c_t = (h_t·y_t)·r_h·r_y:
+
+    loss_b = −(1/N) Σ_t c_t
+
+Gradient. With g_b the upstream gradient of loss_b, ∂loss/∂ĥ_t = −(g_b/N)·ŷ_t, and through the normaliser
+(∂/∂h_t = (G − (G·ĥ)ĥ)/max(n_h, ε), no projection when n_h ≤ ε, as F.normalize's backward):
+
+    ∂/∂h_t = −(g_b/N)·(s0_t·y_t − s1_t·h_t),   s0 = r_h·r_y,   s1 = [n_h > ε]·c_t·r_h²
+    ∂/∂y_t = −(g_b/N)·(s0_t·h_t − s2_t·y_t),   s2 = [n_y > ε]·c_t·r_y²
+
+and ∂/∂h is the adjoint resampling of ∂/∂h_t, computed as a gather over source tokens (interp.py).
+
+Data movement. The forward reads h and y once (the taps' re-reads hit L2) and writes only O(B·N) values:
+per-program partial sums of the loss and the three per-token scalars (s0, s1, s2). The backward reads
+those scalars instead of reducing over D again, so it is one streaming pass: read h and y, write the
+gradient. The scalars travel from forward to backward through a small cache keyed by the inputs'
+storage and version (the op contract passes only h and y to the backward); when the entry is missing
+the backward recomputes them with the forward kernel. The backward walks samples and rows in the
+reverse order of the forward, so it starts on the data the forward read last (still in L2).
+Everything is a gather: each output element is written once, deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .interp import adjoint_start_table, axis_scale, axis_taps, load_lerp, load_resampled, tap_weight, token_taps
+
+NORM_EPS = 1e-12
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _cosine_forward_kernel(
+    h_ptr, y_ptr, scal_ptr, part_ptr,
+    n_tokens, dim, width_t, plane,
+    h_rows, h_cols, h_scale_r, h_scale_c, h_sb, h_sn, h_sd,
+    y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
+    neg_inv_n,
+    H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < n_tokens
+    h_base = h_ptr + b.to(tl.int64) * h_sb
+    y_base = y_ptr + b.to(tl.int64) * y_sb
+    # Taps once per program, outside the D loop.
+    if not H_IDENTITY:
+        hn00, hn01, hn10, hn11, hw00, hw01, hw10, hw11 = token_taps(t, width_t, h_rows, h_cols,
+                                                                    h_scale_r, h_scale_c)
+    if not Y_IDENTITY:
+        yn00, yn01, yn10, yn11, yw00, yw01, yw10, yw11 = token_taps(t, width_t, y_rows, y_cols,
+                                                                    y_scale_r, y_scale_c)
+    b_hh = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    b_yy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    b_hy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        m = t_mask[:, None] & (offs < dim)[None, :]
+        if H_IDENTITY:
+            b_h = tl.load(h_base + t[:, None] * h_sn + (offs * h_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+        else:
+            b_h = load_lerp(h_base, hn00, hn01, hn10, hn11, hw00, hw01, hw10, hw11, h_sn, offs * h_sd, m)
+        if Y_IDENTITY:
+            b_y = tl.load(y_base + t[:, None] * y_sn + (offs * y_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+        else:
+            b_y = load_lerp(y_base, yn00, yn01, yn10, yn11, yw00, yw01, yw10, yw11, y_sn, offs * y_sd, m)
+        b_hh += b_h * b_h
+        b_yy += b_y * b_y
+        b_hy += b_h * b_y
+    norm_h = tl.sqrt(tl.sum(b_hh, 1))
+    norm_y = tl.sqrt(tl.sum(b_yy, 1))
+    r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
+    r_y = 1.0 / tl.maximum(norm_y, NORM_EPS)
+    cos = tl.sum(b_hy, 1) * r_h * r_y
+    p_scal = scal_ptr + b * n_tokens + t
+    tl.store(p_scal, r_h * r_y, mask=t_mask)
+    tl.store(p_scal + plane, tl.where(norm_h > NORM_EPS, cos * r_h * r_h, 0.0), mask=t_mask)
+    tl.store(p_scal + 2 * plane, tl.where(norm_y > NORM_EPS, cos * r_y * r_y, 0.0), mask=t_mask)
+    tl.store(part_ptr + b * tl.num_programs(0) + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
+
+
+@triton.jit
+def _target_gradient(b_x, z_base, t, t_mask, m, s_base, own_offset, z_sn, offs_z, width_t,
+                     z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY: tl.constexpr):
+    """s0_t·z_t − s_own_t·x_t for target tokens t: the unit-scaled gradient at the target grid
+    (x is the input being differentiated, z the other one; s_own is s1 for h, s2 for y)."""
+    b_z = load_resampled(z_base, t, z_sn, offs_z, m, width_t, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
+    s0 = tl.load(s_base + t, mask=t_mask, other=0.0)
+    s_own = tl.load(s_base + own_offset + t, mask=t_mask, other=0.0)
+    return s0[:, None] * b_z - s_own[:, None] * b_x
+
+
+@triton.jit
+def _cosine_backward_kernel(
+    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, start_r_ptr, start_c_ptr,
+    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, span_r, span_c,
+    x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
+    z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
+    neg_inv_n,
+    X_IDENTITY: tl.constexpr, Z_IDENTITY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program: source row i of x (or, for an identity x, a flat run of tokens: x_rows = 1),
+    BLOCK_J source columns, BLOCK_D features; gathers from the targets that read each source token."""
+    pid = tl.program_id(0)
+    jb = pid // d_blocks
+    db = pid % d_blocks
+    # Reverse order of the forward: the first rows here are the last ones the forward read.
+    i = x_rows - 1 - tl.program_id(1)
+    b = batch - 1 - tl.program_id(2)
+    j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j < x_cols
+    offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs < dim
+    x_base = x_ptr + b.to(tl.int64) * x_sb
+    z_base = z_ptr + b.to(tl.int64) * z_sb
+    s_base = scal_ptr + b * n_tokens
+    coef = tl.load(grad_ptr + b) * neg_inv_n
+    if X_IDENTITY:
+        t = i * x_cols + j
+        m = j_mask[:, None] & d_mask[None, :]
+        b_x = tl.load(x_base + t[:, None] * x_sn + (offs * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+        acc = _target_gradient(b_x, z_base, t, j_mask, m, s_base, own_offset, z_sn, offs * z_sd, width_t,
+                               z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
+    else:
+        acc = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
+        r_first = tl.load(start_r_ptr + i)
+        c_first = tl.load(start_c_ptr + j, mask=j_mask, other=0)
+        for kr in range(span_r):
+            r = r_first + kr
+            w_r = tap_weight(i, r, height_t, x_scale_r, x_rows)
+            if w_r != 0.0:  # uniform over the program: rows that do not read row i cost nothing
+                xr0, xr1, lr = axis_taps(r, x_scale_r, x_rows)
+                for kc in range(span_c):
+                    c = c_first + kc
+                    w_c = tap_weight(j, c, width_t, x_scale_c, x_cols)
+                    valid = (w_c != 0.0) & j_mask
+                    m = valid[:, None] & d_mask[None, :]
+                    xc0, xc1, lc = axis_taps(c, x_scale_c, x_cols)
+                    b_x = load_lerp(x_base, xr0 * x_cols + xc0, xr0 * x_cols + xc1, xr1 * x_cols + xc0,
+                                    xr1 * x_cols + xc1, (1.0 - lr) * (1.0 - lc), (1.0 - lr) * lc,
+                                    lr * (1.0 - lc), lr * lc, x_sn, offs * x_sd, m)
+                    g = _target_gradient(b_x, z_base, r * width_t + c, valid, m, s_base, own_offset, z_sn,
+                                         offs * z_sd, width_t, z_rows, z_cols, z_scale_r, z_scale_c,
+                                         Z_IDENTITY)
+                    acc += (w_r * w_c)[:, None] * g
+    n_out = i * x_cols + j
+    p_out = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim + n_out[:, None] * dim + offs[None, :]
+    tl.store(p_out, (coef * acc).to(out_ptr.dtype.element_ty), mask=j_mask[:, None] & d_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration (host side, cached per shape).
+
+def _forward_blocks(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 256."""
+    block_d = min(triton.next_power_of_2(dim), 256)
+    return max(2048 // block_d, 1), block_d, 4
+
+
+def _backward_blocks(cols: int, dim: int) -> tuple[int, int, int]:
+    """(BLOCK_J, BLOCK_D, num_warps): up to 64 source columns by D chunks of up to 128."""
+    block_d = min(triton.next_power_of_2(dim), 128)
+    block_j = max(min(triton.next_power_of_2(cols), 4096 // block_d, 64), 1)
+    return block_j, block_d, 4
+
+
+def _check(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED:
+        raise TypeError(f"the triton backend takes {name} as float32, bfloat16 or float16, got {x.dtype}; "
+                        f"use backend='reference' for float64")
+
+
+def _axis(grid, target) -> tuple[int, int, float, float, bool]:
+    """(rows, cols, row scale, col scale, identity) of an input grid resampled to ``target``."""
+    return (grid[0], grid[1], axis_scale(grid[0], target[0]), axis_scale(grid[1], target[1]),
+            tuple(grid) == tuple(target))
+
+
+def _scalars_and_partials(h, y, h_grid, y_grid, target_grid):
+    """Launch the forward kernel: (scalars (3, B, N) fp32, partial losses (B, programs) fp32)."""
+    _check("h", h)
+    _check("y", y)
+    batch, dim = h.shape[0], h.shape[2]
+    n_tokens = target_grid[0] * target_grid[1]
+    block_t, block_d, warps = _forward_blocks(dim)
+    programs = triton.cdiv(n_tokens, block_t)
+    scal = torch.empty((3, batch, n_tokens), device=h.device, dtype=torch.float32)
+    part = torch.empty((batch, programs), device=h.device, dtype=torch.float32)
+    hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
+    yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
+    _cosine_forward_kernel[(programs, batch)](
+        h, y, scal, part, n_tokens, dim, target_grid[1], batch * n_tokens,
+        hr, hc, hsr, hsc, *h.stride(), yr, yc, ysr, ysc, *y.stride(), -1.0 / n_tokens,
+        H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+    return scal, part
+
+
+# The per-token scalars, from forward to backward. Keyed by what identifies the inputs' values: storage,
+# version counter (bumped by every in-place write), layout, dtype and grids. A few entries suffice
+# (forward and backward of one step are close); a miss only costs a recomputation.
+_SAVED: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_SAVED_MAX = 8
+
+
+def _saved_key(h, y, grids) -> Optional[tuple]:
+    if h.is_inference() or y.is_inference():  # no version counter to trust
+        return None
+    return (h.data_ptr(), h._version, h.shape, h.stride(), h.dtype, y.data_ptr(), y._version, y.shape,
+            y.stride(), y.dtype, h.device, grids)
+
+
+def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid) -> torch.Tensor:
+    """Per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt, for h (B, N_h, D) on ``h_grid`` and
+    y (B, N_y, D) on ``y_grid`` resampled to ``target_grid`` (N = H_t·W_t tokens)."""
+    scal, part = _scalars_and_partials(h, y, h_grid, y_grid, target_grid)
+    key = _saved_key(h, y, (h_grid, y_grid, target_grid))
+    if key is not None:
+        _SAVED[key] = scal
+        _SAVED.move_to_end(key)
+        while len(_SAVED) > _SAVED_MAX:
+            _SAVED.popitem(last=False)
+    return part.sum(1).unsqueeze(0)
+
+
+def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
+    """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
+    batch, n_x, dim = x.shape
+    n_tokens = target_grid[0] * target_grid[1]
+    out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
+    xr, xc, xsr, xsc, x_id = _axis(x_grid, target_grid)
+    zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
+    if x_id:  # identity: no rows to follow, a flat run of tokens per program
+        xr, xc = 1, n_x
+        start_r = start_c = scal  # unused
+        span_r = span_c = 1
+    else:
+        start_r, span_r = adjoint_start_table(x_grid[0], target_grid[0], x.device)
+        start_c, span_c = adjoint_start_table(x_grid[1], target_grid[1], x.device)
+    block_j, block_d, warps = _backward_blocks(xc, dim)
+    d_blocks = triton.cdiv(dim, block_d)
+    grid = (triton.cdiv(xc, block_j) * d_blocks, xr, batch)
+    _cosine_backward_kernel[grid](
+        x, z, out, scal, grad, start_r, start_c,
+        n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
+        span_r, span_c,
+        xr, xc, xsr, xsc, *x.stride(), zr, zc, zsr, zsc, *z.stride(), -1.0 / n_tokens,
+        X_IDENTITY=x_id, Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+    return out
+
+
+def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid,
+             needs_h: bool, needs_y: bool):
+    """(∂/∂h, ∂/∂y) of Σ_b grad[0, b]·loss_b, in h's and y's dtypes (None where not needed).
+    grad: (1, B) float32."""
+    grids = (h_grid, y_grid, target_grid)
+    key = _saved_key(h, y, grids)
+    scal = _SAVED.get(key) if key is not None else None
+    if scal is None:
+        scal, _ = _scalars_and_partials(h, y, *grids)
+    grad = grad.reshape(-1).to(torch.float32).contiguous()
+    grad_h = _adjoint(grad, h, y, h_grid, y_grid, target_grid, scal, 1) if needs_h else None
+    grad_y = _adjoint(grad, y, h, y_grid, h_grid, target_grid, scal, 2) if needs_y else None
+    return grad_h, grad_y
