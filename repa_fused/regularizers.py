@@ -1,0 +1,358 @@
+"""REPA (DiTs) and U-REPA (UNets) regularizers for any training loop, driven by SimpleTuner's keys.
+
+    reg = build_regularizer("config.json", model, max_train_steps=10_000)   # before the optimizer/prepare
+    pred = model(noisy, t, ...)                       # the hook stores block k's / mid_block's output
+    loss, logs = reg.loss(step=step, pixels=images)   # images in [-1, 1]; or latents=, vae= / features= / keys=
+    (diffusion_loss + loss).backward()
+
+One ``reg.loss`` call: pop the captured tokens h (B, N_h, C) -> projector (registered on the model, so
+optimizers, DDP and ``state_dict`` see it) -> encoder features y (B, N_y, D) from pixels, decoded latents, the
+caller or a feature cache, under no_grad -> the public loss (``cosine_alignment_loss`` for REPA,
+``urepa_loss`` for U-REPA) -> times λ(step). When λ(step) is 0 nothing of that runs: the loss returned is
+0 · Σ(projector parameters), so every rank's backward still reaches the projector and DDP's gradient sync
+keeps working. Logs are tensors (no host sync per step); ``float(v)`` them when you log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import functional
+from .capture import attach_capture
+from .config import Config, RepaConfig, URepaConfig, load_config
+from .schedule import CoefficientSchedule
+
+Grid = tuple[int, int]
+
+# Patch-token width of the DINOv2 checkpoints, so the projector can be built before the encoder is loaded.
+_DINOV2_WIDTH = {"s": 384, "b": 768, "l": 1024, "g": 1536}
+
+
+def build_projector(kind: str, in_width: int, out_width: int, hidden: int = 2048) -> nn.Module:
+    """``"linear"``: LayerNorm(C) -> Linear(C, D) (SimpleTuner); ``"mlp"``: REPA's Linear(C, P) -> SiLU ->
+    Linear(P, P) -> SiLU -> Linear(P, D). Maps (..., C) to (..., D)."""
+    if kind == "linear":
+        return nn.Sequential(nn.LayerNorm(in_width), nn.Linear(in_width, out_width))
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                             nn.Linear(hidden, out_width))
+    raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+
+
+class AlignmentRegularizer:
+    """Shared machinery of :class:`RepaRegularizer` and :class:`URepaRegularizer` (see the module doc).
+
+    Attributes: ``config``, ``projector`` (nn.Module, also ``model.<PROJECTOR_ATTR>``), ``capture``,
+    ``schedule``, ``encoder`` (None until first needed when not given), ``feature_cache`` (or None).
+    """
+
+    KIND = ""            # capture kind: "dit" | "unet"
+    NAME = ""            # for messages
+    PROJECTOR_ATTR = ""  # where the projector hangs on the model
+    LOG_PREFIX = ""      # SimpleTuner's log names: crepa_* / urepa_*
+
+    def __init__(self, config: Union[RepaConfig, URepaConfig], model: nn.Module, *, encoder=None,
+                 max_train_steps: Optional[int] = None):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(f"build the {self.NAME} regularizer before wrapping the model (DDP, "
+                             "accelerator.prepare): the projector must be registered on the bare model")
+        model = getattr(model, "_orig_mod", model)  # torch.compile shares the module and its parameters
+        self.config = config
+        self.model = model
+        self.schedule = CoefficientSchedule.from_config(config, max_train_steps)
+        self.encoder = encoder
+        self.feature_cache = _open_cache(config, encoder) if config.feature_cache else None
+        width = _target_width(config, encoder, self.feature_cache)
+        if getattr(model, self.PROJECTOR_ATTR, None) is not None:
+            raise ValueError(f"the model already has a {self.PROJECTOR_ATTR}: a regularizer is attached; call "
+                             "its remove() first")
+        self.capture = attach_capture(model, self.KIND, self._block_index())
+        param = next(model.parameters(), None)
+        # float32 like SimpleTuner: the projector is trained from scratch, whatever the model's dtype.
+        self.projector = build_projector(config.projector, self.capture.hidden_width, width,
+                                         config.projector_dim).to(
+            device=param.device if param is not None else None, dtype=torch.float32)
+        model.add_module(self.PROJECTOR_ATTR, self.projector)
+        self._inputs_checked = False
+        self._removed = False
+
+    def _block_index(self) -> Optional[int]:
+        return None
+
+    # -- the loss ---------------------------------------------------------------------------------------
+
+    def loss(self, *, step: int, pixels: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
+             vae: Optional[nn.Module] = None, features: Optional[torch.Tensor] = None,
+             features_grid: Optional[Sequence[int]] = None,
+             keys: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(λ(step) · alignment loss, logs) for the last model forward.
+
+        Exactly one source of the clean image's features: ``pixels`` (B, 3, H, W) in [-1, 1]; ``latents``
+        (B, C, h, w) with ``vae`` (AutoencoderKL, or AutoencoderTiny when ``*_use_tae``), decoded to pixels;
+        ``features`` (B, N, D) encoder patch tokens you computed (``features_grid`` (H, W) when N is not a
+        square); ``keys`` (B names) looked up in the ``*_feature_cache``.
+        """
+        if self._removed:
+            raise RuntimeError(f"this {self.NAME} regularizer was removed")
+        self._check_sources(pixels, latents, vae, features, features_grid, keys)
+        tokens, h_grid = self.capture.pop()  # always: the stored graph must not outlive this step
+        weight = self.schedule.weight(step)
+        if weight == 0.0:
+            return self._skipped(step, tokens.device)
+        y, y_grid = self._features(tokens, pixels, latents, vae, features, features_grid, keys)
+        h = self.projector(tokens.to(self.projector[-1].weight.dtype))
+        terms = self._terms(h, h_grid, y, y_grid)
+        similarity = -terms["alignment_loss"].detach()
+        gate = self.schedule.observe(similarity)
+        scale = torch.full((), weight, device=h.device) if gate is None else weight * gate
+        loss = terms.pop("total") * scale
+        p = self.LOG_PREFIX
+        logs = {f"{p}_loss": loss.detach(), **{f"{p}_{k}": v.detach() for k, v in terms.items()},
+                f"{p}_similarity": similarity}
+        return loss, self._finish_logs(logs, step, scale, h.device)
+
+    def _terms(self, h, h_grid, y, y_grid) -> dict[str, torch.Tensor]:
+        """{"total": unweighted loss, "alignment_loss": ..., (U-REPA) "manifold_loss": ...}."""
+        raise NotImplementedError
+
+    def _skipped(self, step: int, device) -> tuple[torch.Tensor, dict]:
+        # Zero, yet reaching every trainable projector parameter: DDP then syncs their (zero) gradients.
+        params = [p for p in self.projector.parameters() if p.requires_grad]
+        loss = sum((q.sum() for q in params), torch.zeros((), device=device)) * 0.0
+        logs = {f"{self.LOG_PREFIX}_loss": loss.detach()}
+        return loss, self._finish_logs(logs, step, torch.zeros((), device=device), device)
+
+    def _finish_logs(self, logs: dict, step: int, scale: torch.Tensor, device) -> dict:
+        p = self.LOG_PREFIX
+        cut = torch.full((), self.schedule.step_cutoff(step), dtype=torch.bool, device=device)
+        if self.schedule.similarity_cutoff is not None:
+            cut = cut | self.schedule.similarity_cutoff.to(device)
+        logs[f"{p}_weight"] = scale.detach().float()
+        logs[f"{p}_cutoff"] = cut
+        if self.schedule.similarity_ema is not None:
+            logs[f"{p}_similarity_ema"] = self.schedule.similarity_ema
+        return logs
+
+    # -- encoder features -------------------------------------------------------------------------------
+
+    def _check_sources(self, pixels, latents, vae, features, features_grid, keys) -> None:
+        given = [n for n, v in (("pixels", pixels), ("latents", latents), ("features", features), ("keys", keys))
+                 if v is not None]
+        if len(given) != 1:
+            raise ValueError("pass exactly one of pixels=, latents= (with vae=), features= or keys= to "
+                             f"reg.loss, got {given or 'none'}")
+        if (vae is None) != (latents is None):
+            raise ValueError("latents= and vae= go together: the VAE decodes the latents to pixels")
+        if features_grid is not None and features is None:
+            raise ValueError("features_grid= describes features=; it was given without them")
+        p = self.config.PREFIX
+        if keys is not None and self.feature_cache is None:
+            raise ValueError(f"keys= reads the feature cache, but {p}feature_cache is not set")
+        if self.feature_cache is not None and keys is None:
+            raise ValueError(f"{p}feature_cache is set: pass keys= (the cached images' keys) so that neither the "
+                             "encoder nor the VAE is ever loaded")
+
+    def _features(self, tokens, pixels, latents, vae, features, features_grid, keys) -> tuple[torch.Tensor, Grid]:
+        batch, device = tokens.shape[0], tokens.device
+        if keys is not None:
+            if isinstance(keys, (str, bytes)):
+                raise TypeError("keys must be a sequence of cache keys, one per sample, not a single string")
+            y, y_grid = self.feature_cache.get(list(keys), device=device)
+            source = "keys"
+        elif features is not None:
+            if not isinstance(features, torch.Tensor) or features.dim() != 3:
+                raise ValueError(f"features must be a (B, N, D) tensor, got "
+                                 f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)}")
+            y, y_grid, source = features.detach().to(device), features_grid, "features"
+        else:
+            with torch.no_grad():
+                if latents is not None:
+                    pixels = self._decode(latents, vae)
+                self._check_pixels(pixels)
+                y, y_grid = self._encoder(device)(pixels.to(device))
+            source = "latents" if latents is not None else "pixels"
+        if y.shape[0] != batch:
+            raise ValueError(f"{source} give {y.shape[0]} samples but the model forward had {batch}")
+        if y.shape[-1] != self.projector[-1].out_features:
+            raise ValueError(f"{source} have width {y.shape[-1]} but the projector maps to "
+                             f"{self.projector[-1].out_features} (the encoder's width at build time)")
+        return y, (None if y_grid is None else tuple(y_grid))
+
+    def _encoder(self, device):
+        if self.encoder is None:
+            from .encoders import load_encoder
+
+            cfg = self.config
+            max_batch = getattr(cfg, "encoder_frames_batch_size", 0)
+            self.encoder = load_encoder(cfg.model, cfg.encoder_image_size, device=device,
+                                        max_batch=max_batch if max_batch > 0 else None, aspect=cfg.encoder_aspect)
+        return self.encoder
+
+    def _decode(self, latents: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+        tiny = type(vae).__name__ == "AutoencoderTiny"
+        if tiny != self.config.use_tae:
+            p = self.config.PREFIX
+            raise ValueError(f"{p}use_tae={self.config.use_tae} but vae is a {type(vae).__name__}: pass "
+                             f"{'an AutoencoderTiny' if self.config.use_tae else 'the AutoencoderKL'} or set "
+                             f"{p}use_tae={'false' if self.config.use_tae else 'true'}")
+        from .decode import decode_latents
+
+        return decode_latents(latents, vae)
+
+    def _check_pixels(self, pixels) -> None:
+        """Shape on every call; the [-1, 1] range on the first call only (it costs a host sync)."""
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"pixels must be a (B, 3, H, W) image tensor in [-1, 1], got {shape}")
+        if not pixels.is_floating_point():
+            raise TypeError(f"pixels must be floating point in [-1, 1], got {pixels.dtype}")
+        if not self._inputs_checked:
+            lo, hi = (float(v) for v in pixels.aminmax())
+            if lo < -1.01 or hi > 1.01:
+                raise ValueError(f"pixels must be in [-1, 1] (the diffusers convention); got values in "
+                                 f"[{lo:.3g}, {hi:.3g}]. From [0, 1] images pass pixels * 2 - 1; from [0, 255], "
+                                 "pixels / 127.5 - 1")
+            self._inputs_checked = True
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The schedule's state (similarity EMA, cutoff flag); the projector's weights live in the model's."""
+        return {"kind": self.LOG_PREFIX, "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.LOG_PREFIX:
+            raise ValueError(f"this state is from a {state.get('kind')!r} regularizer, not {self.LOG_PREFIX!r}")
+        self.schedule.load_state_dict(state["schedule"])
+
+    def remove(self) -> None:
+        """Detach the hooks and take the projector off the model (call before save_pretrained for export)."""
+        self.capture.remove()
+        if getattr(self.model, self.PROJECTOR_ATTR, None) is self.projector:
+            delattr(self.model, self.PROJECTOR_ATTR)
+        self._removed = True
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.capture.block_name} of {type(self.model).__name__}, "
+                f"λ={self.config.lambda_}, projector={self.config.projector} "
+                f"{self.capture.hidden_width}->{self.projector[-1].out_features})")
+
+
+class RepaRegularizer(AlignmentRegularizer):
+    """REPA on a DiT block: λ · −mean cos(projector(h), y) on the smaller of the two token grids."""
+
+    KIND, NAME, PROJECTOR_ATTR, LOG_PREFIX = "dit", "REPA", "repa_projector", "crepa"
+
+    def _block_index(self) -> int:
+        return self.config.block_index
+
+    def _terms(self, h, h_grid, y, y_grid):
+        if not self.config.spatial_align and (h.shape[1] != y.shape[1]
+                                              or (y_grid is not None and y_grid != tuple(h_grid))):
+            # SimpleTuner's crepa_spatial_align=false: different grids compare by their mean token.
+            h, y, h_grid, y_grid = h.mean(1, keepdim=True), y.mean(1, keepdim=True), (1, 1), (1, 1)
+        alignment = functional.cosine_alignment_loss(h, y, h_grid=h_grid, y_grid=y_grid, align="min")
+        return {"total": alignment, "alignment_loss": alignment}
+
+
+class URepaRegularizer(AlignmentRegularizer):
+    """U-REPA on a UNet mid block: λ · (alignment + manifold_weight · manifold) on the ``urepa_align`` grid."""
+
+    KIND, NAME, PROJECTOR_ATTR, LOG_PREFIX = "unet", "U-REPA", "urepa_projector", "urepa"
+
+    def _terms(self, h, h_grid, y, y_grid):
+        total, alignment, manifold = functional.urepa_loss(
+            h, y, manifold_weight=self.config.manifold_weight, h_grid=h_grid, y_grid=y_grid, align=self.config.align)
+        return {"total": total, "alignment_loss": alignment, "manifold_loss": manifold}
+
+
+def build_regularizer(config: Union[dict, str, os.PathLike, Config], model: nn.Module, *, encoder=None,
+                      max_train_steps: Optional[int] = None) -> AlignmentRegularizer:
+    """The regularizer the config enables, attached to ``model``.
+
+    ``crepa_enabled`` -> :class:`RepaRegularizer` (DiTs), ``urepa_enabled`` -> :class:`URepaRegularizer`
+    (UNets); exactly one must be true. ``encoder``: a loaded ``VisionEncoder`` (else loaded from
+    ``*_model`` on first use; never with a feature cache). ``max_train_steps``: the horizon of a decay whose
+    ``*_decay_steps`` is 0. Build it before creating the optimizer and before ``accelerator.prepare``.
+    Errors (raised here): bad keys or values, both or neither enabled, the wrong model type, a block index
+    out of range, a feature cache made with another encoder, image size or preprocessing.
+    """
+    cfg = load_config(config)
+    if cfg.repa.enabled and cfg.urepa.enabled:
+        raise ValueError("crepa_enabled and urepa_enabled are both true: enable crepa_* (REPA) for a "
+                         "diffusion transformer or urepa_* (U-REPA) for a UNet, one per model")
+    if not (cfg.repa.enabled or cfg.urepa.enabled):
+        raise ValueError("neither crepa_enabled nor urepa_enabled is true: set crepa_enabled (REPA, for "
+                         "diffusion transformers) or urepa_enabled (U-REPA, for UNets)")
+    if cfg.repa.enabled:
+        return RepaRegularizer(cfg.repa, model, encoder=encoder, max_train_steps=max_train_steps)
+    return URepaRegularizer(cfg.urepa, model, encoder=encoder, max_train_steps=max_train_steps)
+
+
+# -- encoder width and the feature cache ---------------------------------------------------------------------
+
+
+def _target_width(cfg, encoder, cache) -> int:
+    """D, the encoder's token width, known before the encoder is loaded (or without it, with a cache)."""
+    if encoder is not None:
+        return int(encoder.hidden_size)
+    if cache is not None:
+        width = cache.metadata.get("hidden_size")
+        if width is not None:
+            return int(width)
+        return encoder_width(cache.metadata["encoder"])
+    return encoder_width(cfg.model)
+
+
+def encoder_width(name_or_path: str) -> int:
+    """Patch-token width of an encoder from its name or config alone (no weights are loaded)."""
+    from .encoders import resolve_encoder_name
+
+    resolved = resolve_encoder_name(name_or_path)
+    if os.path.isdir(resolved):
+        config_path = os.path.join(resolved, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(f"encoder directory {resolved!r} has no config.json")
+        with open(config_path) as fh:
+            return int(json.load(fh)["hidden_size"])
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolved).hidden_size)
+
+
+def _open_cache(cfg, encoder):
+    """The FeatureCache at ``*_feature_cache``, checked against the encoder the config (or caller) names."""
+    from . import cache as cache_module
+
+    cache = cache_module.FeatureCache(cfg.feature_cache)
+    meta, p = cache.metadata, cfg.PREFIX
+    want_name = encoder.name if encoder is not None else cfg.model
+    want_size = int(encoder.image_size) if encoder is not None else cfg.encoder_image_size
+    problems = []
+    if not _same_encoder(meta.get("encoder"), want_name):
+        problems.append(f"encoder {meta.get('encoder')!r} (config: {p}model={want_name!r})")
+    if meta.get("image_size") != want_size:
+        problems.append(f"image size {meta.get('image_size')!r} (config: {p}encoder_image_size={want_size})")
+    have = meta.get("preprocessing") or {}
+    if encoder is not None:
+        if have != encoder.preprocessing:
+            problems.append(f"preprocessing {have!r} (the encoder's: {encoder.preprocessing!r})")
+    elif have.get("aspect", "square") != cfg.encoder_aspect:
+        problems.append(f"aspect {have.get('aspect', 'square')!r} (config: {p}encoder_aspect={cfg.encoder_aspect!r})")
+    if problems:
+        raise ValueError(f"feature cache {cfg.feature_cache!r} was made with " + "; ".join(problems)
+                         + ": rebuild it with repa-fused cache-features or change the config to match")
+    return cache
+
+
+def _same_encoder(a, b) -> bool:
+    if a is None or b is None:
+        return a == b
+    from .encoders import resolve_encoder_name
+
+    return resolve_encoder_name(str(a)) == resolve_encoder_name(str(b))

@@ -1,0 +1,400 @@
+"""REPA / U-REPA regularizers on tiny random diffusers models: training signal, wiring, every input path,
+the λ = 0 path, the feature cache, resume, remove, and every error build_regularizer and reg.loss raise."""
+
+import sys
+import types
+
+import pytest
+import torch
+from models import TINY_DIT, TINY_UNET, tiny_autoencoder_kl, tiny_autoencoder_tiny, tiny_dinov2
+
+import repa_fused as rf
+from repa_fused.regularizers import RepaRegularizer, URepaRegularizer, build_regularizer
+
+REPA = {"crepa_enabled": True, "crepa_block_index": 1}
+UREPA = {"urepa_enabled": True}
+
+
+class FakeEncoder(torch.nn.Module):
+    """The VisionEncoder contract (a fixed random patchify to 4 × 4 tokens of width 16), counting calls."""
+
+    hidden_size, patch_size, image_size, name = 16, 7, 28, "fake-encoder"
+    preprocessing = {"resize": "bilinear", "aspect": "square"}
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 16, 7, 7).requires_grad_(False)
+        self.calls, self.fail = 0, fail
+
+    def forward(self, pixels):
+        if self.fail:
+            raise AssertionError("the encoder must not run on this path")
+        self.calls += 1
+        x = torch.nn.functional.interpolate(pixels, size=(28, 28), mode="bilinear", align_corners=False)
+        return self.conv(x).flatten(2).transpose(1, 2), (4, 4)
+
+
+def pixels(batch=2, seed=0):
+    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def forward(tiny, batch=2):
+    return tiny.model(**tiny.inputs(batch=batch))
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    return tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
+
+
+# -- training signal ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, config", [("dit", REPA), ("sd15", UREPA)])
+def test_steps_raise_similarity_and_move_projector(family, config, dinov2_dir):
+    tiny = (TINY_DIT.get(family) or TINY_UNET[family])()
+    prefix = "crepa" if "crepa_enabled" in config else "urepa"
+    # The encoder is named by path and loaded on first use, as a trainer would.
+    cfg = {**config, f"{prefix}_model": dinov2_dir, f"{prefix}_encoder_image_size": 28}
+    reg = build_regularizer(cfg, tiny.model, max_train_steps=100)
+    assert reg.encoder is None
+    before = [p.detach().clone() for p in reg.projector.parameters()]
+    opt = torch.optim.Adam(tiny.model.parameters(), lr=1e-2)  # the projector is among them
+    images, sims = pixels(), []
+    for step in range(8):
+        forward(tiny)
+        loss, logs = reg.loss(step=step, pixels=images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sims.append(float(logs[f"{prefix}_similarity"]))
+    assert reg.encoder is not None and reg.encoder.hidden_size == 16
+    assert sims[-1] > sims[0] + 0.1, sims
+    assert all(not torch.equal(a, b) for a, b in zip(before, reg.projector.parameters()))
+
+
+# -- wiring ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, config, attr", [("dit", REPA, "repa_projector"), ("sd15", UREPA, "urepa_projector")])
+def test_projector_registered_on_model(family, config, attr):
+    tiny = (TINY_DIT.get(family) or TINY_UNET[family])()
+    reg = build_regularizer(config, tiny.model, encoder=FakeEncoder())
+    assert getattr(tiny.model, attr) is reg.projector
+    ids = {id(p) for p in tiny.model.parameters()}
+    assert all(id(p) in ids for p in reg.projector.parameters())
+    assert any(k.startswith(f"{attr}.") for k in tiny.model.state_dict())
+    assert isinstance(reg, RepaRegularizer if attr == "repa_projector" else URepaRegularizer)
+    assert reg.projector[-1].out_features == 16 and reg.projector[0].normalized_shape == (tiny.hidden_width,)
+    assert all(p.dtype == torch.float32 for p in reg.projector.parameters())
+
+
+def test_mlp_projector():
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer({**REPA, "crepa_projector": "mlp", "crepa_projector_dim": 24}, tiny.model,
+                            encoder=FakeEncoder())
+    linears = [m for m in reg.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 24), (24, 24), (24, 16)]
+    assert sum(isinstance(m, torch.nn.SiLU) for m in reg.projector) == 2
+    forward(tiny)
+    loss, _ = reg.loss(step=0, pixels=pixels())
+    loss.backward()
+    assert linears[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_features_path_is_lambda_times_the_public_loss(family):
+    tiny = TINY_DIT[family]()
+    reg = build_regularizer({**REPA, "crepa_lambda": 0.7}, tiny.model, encoder=FakeEncoder(fail=True))
+    y = torch.randn(2, 10, 16)  # a non-square encoder grid, given explicitly
+    forward(tiny)
+    tokens, grid = reg.capture.pop()
+    forward(tiny)
+    loss, logs = reg.loss(step=3, features=y, features_grid=(2, 5))
+    expected = rf.cosine_alignment_loss(reg.projector(tokens), y, h_grid=grid, y_grid=(2, 5))
+    torch.testing.assert_close(loss, 0.7 * expected)
+    torch.testing.assert_close(logs["crepa_similarity"], -expected.detach())
+    assert set(logs) == {"crepa_loss", "crepa_alignment_loss", "crepa_similarity", "crepa_weight", "crepa_cutoff"}
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in logs.values())
+    assert float(logs["crepa_weight"]) == pytest.approx(0.7) and not bool(logs["crepa_cutoff"])
+
+
+def test_urepa_terms_and_align_key():
+    tiny = TINY_UNET["sd15"]()
+    reg = build_regularizer({**UREPA, "urepa_manifold_weight": 2.0, "urepa_align": "y"}, tiny.model,
+                            encoder=FakeEncoder(fail=True))
+    y = torch.randn(2, 16, 16)
+    forward(tiny)
+    tokens, grid = reg.capture.pop()
+    forward(tiny)
+    loss, logs = reg.loss(step=0, features=y)
+    total, align, manifold = rf.urepa_loss(reg.projector(tokens), y, manifold_weight=2.0, h_grid=grid, align="y")
+    torch.testing.assert_close(loss, 0.5 * total)
+    torch.testing.assert_close(logs["urepa_alignment_loss"], align.detach())
+    torch.testing.assert_close(logs["urepa_manifold_loss"], manifold.detach())
+
+
+def test_spatial_align_false_compares_mean_tokens():
+    tiny = TINY_DIT["flux"]()
+    assert tiny.grid == (3, 4)  # against the encoder's 4 × 4
+    reg = build_regularizer({**REPA, "crepa_spatial_align": False, "crepa_lambda": 1.0}, tiny.model,
+                            encoder=FakeEncoder())
+    y = torch.randn(2, 16, 16)
+    forward(tiny)
+    h = reg.projector(reg.capture.pop()[0])
+    forward(tiny)
+    loss, _ = reg.loss(step=0, features=y)
+    cos = torch.nn.functional.cosine_similarity(h.mean(1), y.mean(1), dim=-1)
+    torch.testing.assert_close(loss, -cos.mean())
+
+
+def test_latents_and_vae_path_decodes_then_encodes():
+    from repa_fused.decode import decode_latents
+
+    tiny, vae, enc = TINY_DIT["dit"](), tiny_autoencoder_kl(), FakeEncoder()
+    reg = build_regularizer(REPA, tiny.model, encoder=enc)
+    latents = torch.randn(2, 4, 8, 8)
+    forward(tiny)
+    loss, logs = reg.loss(step=0, latents=latents, vae=vae)
+    forward(tiny)
+    with torch.no_grad():
+        decoded = decode_latents(latents, vae)
+    ref, _ = reg.loss(step=0, pixels=decoded)
+    assert enc.calls == 2
+    torch.testing.assert_close(loss, ref)
+    forward(tiny)
+    with pytest.raises(ValueError, match="crepa_use_tae=False but vae is a AutoencoderTiny"):
+        reg.loss(step=0, latents=latents, vae=tiny_autoencoder_tiny())
+
+
+def test_use_tae_takes_the_tiny_autoencoder():
+    tiny = TINY_UNET["sd15"]()
+    reg = build_regularizer({**UREPA, "urepa_use_tae": True}, tiny.model, encoder=FakeEncoder())
+    forward(tiny)
+    loss, _ = reg.loss(step=0, latents=torch.randn(2, 4, 8, 8), vae=tiny_autoencoder_tiny())
+    assert torch.isfinite(loss)
+    forward(tiny)
+    with pytest.raises(ValueError, match="urepa_use_tae=True but vae is a AutoencoderKL"):
+        reg.loss(step=0, latents=torch.randn(2, 4, 8, 8), vae=tiny_autoencoder_kl())
+
+
+def test_lazy_encoder_gets_the_config(monkeypatch):
+    import repa_fused.encoders as encoders
+
+    seen = {}
+
+    def fake_load(name, image_size=518, **kw):
+        seen.update(name=name, image_size=image_size, **kw)
+        return FakeEncoder()
+
+    monkeypatch.setattr(encoders, "load_encoder", fake_load)
+    monkeypatch.setattr("repa_fused.regularizers.encoder_width", lambda name: 16)
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer({**REPA, "crepa_model": "dinov2_vits14", "crepa_encoder_image_size": 224,
+                             "crepa_encoder_aspect": "preserve", "crepa_encoder_frames_batch_size": 3},
+                            tiny.model)
+    assert seen == {}  # nothing loaded at build time
+    forward(tiny)
+    reg.loss(step=0, pixels=pixels())
+    assert seen == dict(name="dinov2_vits14", image_size=224, device=torch.device("cpu"), max_batch=3,
+                        aspect="preserve")
+
+
+def test_encoder_width_without_weights(dinov2_dir):
+    from repa_fused.regularizers import encoder_width
+
+    assert encoder_width(dinov2_dir) == 16
+    assert encoder_width("dinov2_vitg14") == 1536 and encoder_width("dinov2_vits14_reg") == 384
+
+
+# -- λ = 0, cutoffs, resume ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [{"crepa_lambda": 0.0}, {"crepa_warmup_steps": 5}, {"crepa_cutoff_step": 1}])
+def test_zero_weight_skips_the_work_and_reaches_the_projector(config):
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer({**REPA, **config}, tiny.model, encoder=FakeEncoder(fail=True))
+    forward(tiny)
+    loss, logs = reg.loss(step=0 if "crepa_cutoff_step" not in config else 1, pixels=pixels())
+    assert not reg.capture.captured  # the stored graph was dropped
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in reg.projector.parameters())
+    assert float(logs["crepa_weight"]) == 0.0
+    assert bool(logs["crepa_cutoff"]) == ("crepa_cutoff_step" in config)
+
+
+def test_similarity_cutoff_permanent_then_skipped():
+    tiny = TINY_DIT["dit"]()
+    enc = FakeEncoder()
+    reg = build_regularizer({**REPA, "crepa_similarity_threshold": -1.0, "crepa_similarity_ema_decay": 0.0},
+                            tiny.model, encoder=enc)
+    forward(tiny)
+    loss, logs = reg.loss(step=0, pixels=pixels())  # any similarity ≥ -1: cut at once
+    assert float(loss) == 0.0 and float(logs["crepa_weight"]) == 0.0 and bool(logs["crepa_cutoff"])
+    assert "crepa_similarity_ema" in logs and enc.calls == 1
+    forward(tiny)
+    loss, logs = reg.loss(step=1, pixels=pixels())
+    assert enc.calls == 1 and bool(logs["crepa_cutoff"])  # known on the host: no encoder work any more
+
+
+def test_state_dict_resume():
+    cfg = {**REPA, "crepa_similarity_threshold": 0.99, "crepa_similarity_ema_decay": 0.5}
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer(cfg, tiny.model, encoder=FakeEncoder())
+    for step in range(2):
+        forward(tiny)
+        reg.loss(step=step, pixels=pixels(seed=step))
+    state = reg.state_dict()
+    assert state["kind"] == "crepa" and state["schedule"]["similarity_ema"] is not None
+    reg.remove()
+    again = build_regularizer(cfg, tiny.model, encoder=FakeEncoder())
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+    other = build_regularizer(UREPA, TINY_UNET["sd15"]().model, encoder=FakeEncoder())
+    with pytest.raises(ValueError, match="from a 'crepa' regularizer, not 'urepa'"):
+        other.load_state_dict(state)
+
+
+def test_remove_detaches_hooks_and_projector():
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer(REPA, tiny.model, encoder=FakeEncoder())
+    reg.remove()
+    assert not hasattr(tiny.model, "repa_projector")
+    assert not any("repa_projector" in k for k in tiny.model.state_dict())
+    forward(tiny)
+    assert not reg.capture.captured
+    with pytest.raises(RuntimeError, match="was removed"):
+        reg.loss(step=0, pixels=pixels())
+    build_regularizer(REPA, tiny.model, encoder=FakeEncoder())  # attachable again
+
+
+# -- feature cache -------------------------------------------------------------------------------------------
+
+
+class FakeCache:
+    """The FeatureCache contract over a dict of (N, D) rows."""
+
+    metadata = {"encoder": "dinov2_vits14", "image_size": 224, "dtype": "bfloat16",
+                "preprocessing": {"resize": "bilinear", "aspect": "square"}, "hidden_size": 16}
+    rows = {f"img{i}.png": torch.randn(16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)}
+
+    def __init__(self, path):
+        self.path = path
+
+    def get(self, keys, device=None):
+        return torch.stack([self.rows[k] for k in keys]).to(device), (4, 4)
+
+
+@pytest.fixture
+def fake_cache(monkeypatch):
+    import repa_fused
+
+    module = types.ModuleType("repa_fused.cache")
+    module.FeatureCache = FakeCache
+    monkeypatch.setitem(sys.modules, "repa_fused.cache", module)
+    monkeypatch.setattr(repa_fused, "cache", module, raising=False)
+
+    def no_load(*a, **k):
+        raise AssertionError("the encoder must not be loaded with a feature cache")
+
+    import repa_fused.encoders as encoders
+
+    monkeypatch.setattr(encoders, "load_encoder", no_load)
+    return FakeCache
+
+
+CACHED = {**REPA, "crepa_model": "dinov2_vits14", "crepa_encoder_image_size": 224, "crepa_feature_cache": "/c"}
+
+
+def test_cache_keys_path(fake_cache):
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer(CACHED, tiny.model)
+    keys = ["img2.png", "img0.png"]
+    forward(tiny)
+    tokens, grid = reg.capture.pop()
+    forward(tiny)
+    loss, _ = reg.loss(step=0, keys=keys)
+    y = torch.stack([fake_cache.rows[k] for k in keys])
+    torch.testing.assert_close(loss, 0.5 * rf.cosine_alignment_loss(reg.projector(tokens), y, h_grid=grid))
+    assert reg.encoder is None
+    forward(tiny)
+    with pytest.raises(ValueError, match="crepa_feature_cache is set: pass keys="):
+        reg.loss(step=0, pixels=pixels())
+    with pytest.raises(TypeError, match="sequence of cache keys"):
+        reg.loss(step=0, keys="img0.png")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"crepa_model": "dinov2_vitb14"}, "encoder 'dinov2_vits14'"),
+    ({"crepa_encoder_image_size": 518}, "image size 224"),
+    ({"crepa_encoder_aspect": "preserve"}, "aspect 'square'"),
+])
+def test_cache_made_differently_is_refused_at_build(fake_cache, change, message):
+    with pytest.raises(ValueError, match=f"feature cache '/c' was made with {message}"):
+        build_regularizer({**CACHED, **change}, TINY_DIT["dit"]().model)
+
+
+def test_cache_checked_against_a_passed_encoder(fake_cache):
+    enc = FakeEncoder()
+    with pytest.raises(ValueError, match="preprocessing"):
+        build_regularizer(CACHED, TINY_DIT["dit"]().model, encoder=enc)
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+
+
+def test_build_errors():
+    dit, unet = TINY_DIT["dit"]().model, TINY_UNET["sd15"]().model
+    enc = FakeEncoder()
+    with pytest.raises(ValueError, match="both true"):
+        build_regularizer({**REPA, **UREPA}, dit, encoder=enc)
+    with pytest.raises(ValueError, match="neither crepa_enabled nor urepa_enabled"):
+        build_regularizer({}, dit, encoder=enc)
+    with pytest.raises(ValueError, match="is a UNet: use U-REPA"):
+        build_regularizer(REPA, unet, encoder=enc)
+    with pytest.raises(ValueError, match="diffusion transformer: use REPA"):
+        build_regularizer(UREPA, dit, encoder=enc)
+    with pytest.raises(IndexError, match=r"block_index 8 is out of range .* valid range is \[0, 2\)"):
+        build_regularizer({"crepa_enabled": True}, dit, encoder=enc)  # SimpleTuner's default index 8
+    with pytest.raises(ValueError, match="crepa_decay_steps=0"):
+        build_regularizer({**REPA, "crepa_scheduler": "cosine"}, dit, encoder=enc)
+    with pytest.raises(ValueError, match="unknown config key 'crepa_lamda'"):
+        build_regularizer({**REPA, "crepa_lamda": 1}, dit, encoder=enc)
+    assert not hasattr(dit, "repa_projector") and not hasattr(unet, "urepa_projector")
+    build_regularizer(REPA, dit, encoder=enc)
+    with pytest.raises(ValueError, match="already has a repa_projector"):
+        build_regularizer(REPA, dit, encoder=enc)
+
+
+def test_loss_errors():
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer(REPA, tiny.model, encoder=FakeEncoder())
+    with pytest.raises(RuntimeError, match="nothing captured"):
+        reg.loss(step=0, pixels=pixels())
+    cases = [
+        (dict(), ValueError, "exactly one of pixels=, latents= .* got none"),
+        (dict(pixels=pixels(), features=torch.randn(2, 16, 16)), ValueError, r"got \['pixels', 'features'\]"),
+        (dict(latents=torch.randn(2, 4, 8, 8)), ValueError, "latents= and vae= go together"),
+        (dict(pixels=pixels(), vae=tiny_autoencoder_kl()), ValueError, "latents= and vae= go together"),
+        (dict(features=torch.randn(2, 16, 16), features_grid=None, keys=None), None, None),
+        (dict(pixels=pixels(), features_grid=(4, 4)), ValueError, "features_grid= describes features="),
+        (dict(keys=["a"]), ValueError, "crepa_feature_cache is not set"),
+        (dict(pixels=pixels() * 127.5 + 127.5), ValueError, r"pixels must be in \[-1, 1\]"),
+        (dict(pixels=torch.rand(2, 4, 32, 32)), ValueError, r"pixels must be a \(B, 3, H, W\)"),
+        (dict(pixels=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), TypeError, "floating point"),
+        (dict(pixels=pixels(batch=3)), ValueError, "pixels give 3 samples but the model forward had 2"),
+        (dict(features=torch.randn(2, 16, 8)), ValueError, "features have width 8 but the projector maps to 16"),
+        (dict(features=torch.randn(2, 16)), ValueError, r"features must be a \(B, N, D\)"),
+    ]
+    for kwargs, error, message in cases:
+        forward(tiny)
+        if error is None:
+            reg.loss(step=0, **kwargs)
+            continue
+        with pytest.raises(error, match=message):
+            reg.loss(step=0, **kwargs)
+    forward(tiny)
+    with pytest.raises(ValueError, match="step must be an int ≥ 0"):
+        reg.loss(step=-1, pixels=pixels())
