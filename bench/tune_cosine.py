@@ -10,7 +10,8 @@ import time
 
 import torch
 import triton
-from triton.testing import do_bench
+import triton.language as tl
+from triton.testing import do_bench, do_bench_cudagraph
 
 import repa_fused as rf
 from repa_fused import reference
@@ -35,6 +36,11 @@ def min_bytes(h, y):
 
 def median_ms(fn):
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def graph_ms(fn):
+    """GPU time alone: the call captured in a CUDA graph and replayed (no host overhead)."""
+    return do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def events_ms(fn, reps=100):
@@ -94,13 +100,13 @@ def compare(copy):
                   f"{h.numel() * h.element_size() / 2**20:9.1f}")
         # Kernel split: forward alone, backward alone (scalars cached by the forward).
         with torch.no_grad():
-            fw = median_ms(lambda: cosine.forward(h, y, *grids))
+            fw = graph_ms(lambda: cosine.forward(h, y, *grids))
             cosine.forward(h, y, *grids)
             g = torch.full((1, b), 1.0 / b, device="cuda")
-            bw = median_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
+            bw = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
         rd = (h.numel() * h.element_size() + y.numel() * y.element_size()) / 1e6
         wr = h.numel() * h.element_size() / 1e6
-        print(f"       forward {fw:.4f} ms ({rd / fw / 1e3:.0f} GB/s of reads), backward {bw:.4f} ms "
+        print(f"       GPU time (graph replay): forward {fw:.4f} ms ({rd / fw / 1e3:.0f} GB/s of reads), backward {bw:.4f} ms "
               f"({(rd + wr) / bw / 1e3:.0f} GB/s read+write)")
 
 
@@ -116,16 +122,66 @@ def sweep():
             for bt, bd, w in [(4, 256, 4), (8, 256, 4), (16, 128, 4), (8, 128, 4), (16, 256, 8), (4, 512, 4),
                               (8, 512, 8), (2, 1024, 4), (32, 64, 4)]:
                 cosine._forward_blocks = lambda dim, c=(bt, bd, w): c
-                ms = median_ms(lambda: cosine.forward(h, y, *grids))
+                cosine._forward_plan.cache_clear()
+                ms = graph_ms(lambda: cosine.forward(h, y, *grids))
                 print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
             cosine._forward_blocks = fwd_default
+            cosine._forward_plan.cache_clear()
             cosine.forward(h, y, *grids)
             for bj, bd, w in [(32, 128, 4), (16, 128, 4), (64, 64, 4), (32, 64, 4), (16, 256, 4), (64, 128, 8),
                               (32, 256, 8), (8, 256, 4)]:
                 cosine._backward_blocks = lambda cols, dim, c=(bj, bd, w): c
-                ms = median_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
+                cosine._backward_plan.cache_clear()
+                ms = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
                 print(f"{case} backward BLOCK_J={bj} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
             cosine._backward_blocks = bwd_default
+            cosine._backward_plan.cache_clear()
+
+
+@triton.jit
+def _noop1(x):
+    tl.store(x, 1.0)
+
+
+@triton.jit
+def _noop30(x, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19, a20,
+            a21, a22, a23, a24, a25, a26, a27, a28, a29):
+    tl.store(x, 1.0)
+
+
+def host_us(fn, n=300):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def host_breakdown():
+    """What a call costs on this host (us): the floor of every eager variant on small inputs."""
+    x = torch.zeros(4, device="cuda")
+    ints = list(range(3, 32))
+    h = torch.randn(1, 4, 8, device="cuda")
+    y = torch.randn(1, 4, 8, device="cuda")
+    grids = ((2, 2), (2, 2), (2, 2))
+    cosine.forward(h, y, *grids)
+    g = torch.ones(1, 1, device="cuda")
+    rows = {
+        "python loop 1e5 adds": lambda: sum(range(100000)),
+        "torch x.add_(1) (one launch)": lambda: x.add_(1),
+        "torch.empty(4)": lambda: torch.empty(4, device="cuda"),
+        "triton launch, 1 arg": lambda: _noop1[(1,)](x),
+        "triton launch, 30 args": lambda: _noop30[(1,)](x, *ints),
+        "cosine.forward tiny": lambda: cosine.forward(h, y, *grids),
+        "cosine.backward tiny": lambda: cosine.backward(g, h, y, *grids, True, False),
+        "functional fwd tiny, no grad": lambda: rf.cosine_alignment_loss(h, y, backend="triton"),
+    }
+    for name, fn in rows.items():
+        with torch.no_grad():
+            print(f"host {name:34} {host_us(fn):8.1f} us")
 
 
 def overhead():
@@ -161,6 +217,7 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     copy = copy_gbps()
     print(f"copy bandwidth {copy:.0f} GB/s (read + write, 1 GiB fp32)")
+    host_breakdown()
     overhead()
     compare(copy)
     if args.sweep:

@@ -34,22 +34,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .interp import adjoint_start_table, axis_scale, axis_taps, load_lerp, load_resampled, tap_weight, token_taps
+from .interp import adjoint_span, adjoint_start_table, axis_scale, axis_taps, load_lerp, load_resampled, tap_weight, token_taps
 
-NORM_EPS = 1e-12
+NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
 def _cosine_forward_kernel(
-    h_ptr, y_ptr, scal_ptr, part_ptr,
+    h_ptr, y_ptr, out_ptr, scal_ptr, part_ptr, count_ptr,
     n_tokens, dim, width_t, plane,
     h_rows, h_cols, h_scale_r, h_scale_c, h_sb, h_sn, h_sd,
     y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
     neg_inv_n,
     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks."""
+    """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks. The last
+    program to finish sums every program's partial loss, in a fixed order (deterministic): the loss
+    costs no second launch."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -89,7 +92,19 @@ def _cosine_forward_kernel(
     tl.store(p_scal, r_h * r_y, mask=t_mask)
     tl.store(p_scal + plane, tl.where(norm_h > NORM_EPS, cos * r_h * r_h, 0.0), mask=t_mask)
     tl.store(p_scal + 2 * plane, tl.where(norm_y > NORM_EPS, cos * r_y * r_y, 0.0), mask=t_mask)
-    tl.store(part_ptr + b * tl.num_programs(0) + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
+    programs = tl.num_programs(0)
+    tl.store(part_ptr + b * programs + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
+    # Every thread's stores precede the (acq_rel, gpu-scope) ticket; the last ticket reads them all.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr, 1)
+    if ticket == programs * tl.num_programs(1) - 1:
+        for s in range(0, tl.num_programs(1)):
+            acc = tl.zeros((BLOCK_P,), tl.float32)
+            for p0 in range(0, programs, BLOCK_P):
+                p = p0 + tl.arange(0, BLOCK_P)
+                acc += tl.load(part_ptr + s * programs + p, mask=p < programs, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + s, tl.sum(acc, 0))
+        tl.atomic_xchg(count_ptr, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -162,7 +177,8 @@ def _cosine_backward_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch configuration (host side, cached per shape).
+# Host side. Everything that depends only on shapes is computed once per shape (the eager per-call
+# overhead is measurable on small inputs: see notes/cosine.md).
 
 def _forward_blocks(dim: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 256."""
@@ -177,35 +193,75 @@ def _backward_blocks(cols: int, dim: int) -> tuple[int, int, int]:
     return block_j, block_d, 4
 
 
-def _check(name: str, x: torch.Tensor) -> None:
-    if x.dtype not in SUPPORTED:
-        raise TypeError(f"the triton backend takes {name} as float32, bfloat16 or float16, got {x.dtype}; "
-                        f"use backend='reference' for float64")
-
-
 def _axis(grid, target) -> tuple[int, int, float, float, bool]:
     """(rows, cols, row scale, col scale, identity) of an input grid resampled to ``target``."""
     return (grid[0], grid[1], axis_scale(grid[0], target[0]), axis_scale(grid[1], target[1]),
             tuple(grid) == tuple(target))
 
 
-def _scalars_and_partials(h, y, h_grid, y_grid, target_grid):
-    """Launch the forward kernel: (scalars (3, B, N) fp32, partial losses (B, programs) fp32)."""
-    _check("h", h)
-    _check("y", y)
-    batch, dim = h.shape[0], h.shape[2]
+@functools.lru_cache(maxsize=512)
+def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid):
+    """(launch grid, scalar-plane size, workspace size, runtime args after the pointers, constexprs)."""
     n_tokens = target_grid[0] * target_grid[1]
     block_t, block_d, warps = _forward_blocks(dim)
     programs = triton.cdiv(n_tokens, block_t)
-    scal = torch.empty((3, batch, n_tokens), device=h.device, dtype=torch.float32)
-    part = torch.empty((batch, programs), device=h.device, dtype=torch.float32)
     hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
-    _cosine_forward_kernel[(programs, batch)](
-        h, y, scal, part, n_tokens, dim, target_grid[1], batch * n_tokens,
-        hr, hc, hsr, hsc, *h.stride(), yr, yc, ysr, ysc, *y.stride(), -1.0 / n_tokens,
-        H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
-    return scal, part
+    plane = batch * n_tokens
+    args = (n_tokens, dim, target_grid[1], plane, hr, hc, hsr, hsc, yr, yc, ysr, ysc, -1.0 / n_tokens)
+    meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
+                BLOCK_P=min(triton.next_power_of_2(programs), 1024), num_warps=warps)
+    return (programs, batch), plane, 3 * plane + batch * programs, args, meta
+
+
+@functools.lru_cache(maxsize=512)
+def _backward_plan(batch: int, n_x: int, dim: int, x_grid, z_grid, target_grid, own_row: int):
+    """(launch grid, identity x, row/col span tables wanted, runtime args after the pointers, constexprs)."""
+    n_tokens = target_grid[0] * target_grid[1]
+    xr, xc, xsr, xsc, x_id = _axis(x_grid, target_grid)
+    zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
+    if x_id:  # identity: no rows to follow, a flat run of tokens per program
+        xr, xc, span_r, span_c = 1, n_x, 1, 1
+    else:
+        span_r, span_c = adjoint_span(x_grid[0], target_grid[0])[1], adjoint_span(x_grid[1], target_grid[1])[1]
+    block_j, block_d, warps = _backward_blocks(xc, dim)
+    d_blocks = triton.cdiv(dim, block_d)
+    args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
+            span_r, span_c, xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
+    meta = dict(X_IDENTITY=x_id, Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+    return (triton.cdiv(xc, block_j) * d_blocks, xr, batch), args, meta
+
+
+# One ticket counter per device for the forward's last-program reduction; each launch leaves it at 0.
+# Launches that overlap on two streams of one device would share it: the ops run on the current stream.
+_COUNTERS: dict = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    counter = _COUNTERS.get(device)
+    if counter is None:
+        counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _check(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED:
+        raise TypeError(f"the triton backend takes {name} as float32, bfloat16 or float16, got {x.dtype}; "
+                        f"use backend='reference' for float64")
+
+
+def _launch_forward(h, y, h_grid, y_grid, target_grid):
+    """Run the forward kernel: (losses (1, B) fp32, per-token scalars (3, B, N) fp32)."""
+    _check("h", h)
+    _check("y", y)
+    batch = h.shape[0]
+    grid, plane, size, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid)
+    work = torch.empty(size, device=h.device, dtype=torch.float32)
+    out = torch.empty((1, batch), device=h.device, dtype=torch.float32)
+    scal = work[:3 * plane].view(3, batch, -1)
+    _cosine_forward_kernel[grid](h, y, out, scal, work[3 * plane:], _counter(h.device), *args[:4],
+                                 *args[4:8], *h.stride(), *args[8:12], *y.stride(), args[12], **meta)
+    return out, scal
 
 
 # The per-token scalars, from forward to backward. Keyed by what identifies the inputs' values: storage,
@@ -225,39 +281,28 @@ def _saved_key(h, y, grids) -> Optional[tuple]:
 def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid) -> torch.Tensor:
     """Per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt, for h (B, N_h, D) on ``h_grid`` and
     y (B, N_y, D) on ``y_grid`` resampled to ``target_grid`` (N = H_t·W_t tokens)."""
-    scal, part = _scalars_and_partials(h, y, h_grid, y_grid, target_grid)
+    out, scal = _launch_forward(h, y, h_grid, y_grid, target_grid)
     key = _saved_key(h, y, (h_grid, y_grid, target_grid))
     if key is not None:
+        _SAVED.pop(key, None)
         _SAVED[key] = scal
-        _SAVED.move_to_end(key)
-        while len(_SAVED) > _SAVED_MAX:
+        if len(_SAVED) > _SAVED_MAX:
             _SAVED.popitem(last=False)
-    return part.sum(1).unsqueeze(0)
+    return out
 
 
 def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
     """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
     batch, n_x, dim = x.shape
-    n_tokens = target_grid[0] * target_grid[1]
-    out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
-    xr, xc, xsr, xsc, x_id = _axis(x_grid, target_grid)
-    zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    if x_id:  # identity: no rows to follow, a flat run of tokens per program
-        xr, xc = 1, n_x
-        start_r = start_c = scal  # unused
-        span_r = span_c = 1
+    grid, args, meta = _backward_plan(batch, n_x, dim, x_grid, z_grid, target_grid, own_row)
+    if meta["X_IDENTITY"]:
+        start_r = start_c = scal  # not read
     else:
-        start_r, span_r = adjoint_start_table(x_grid[0], target_grid[0], x.device)
-        start_c, span_c = adjoint_start_table(x_grid[1], target_grid[1], x.device)
-    block_j, block_d, warps = _backward_blocks(xc, dim)
-    d_blocks = triton.cdiv(dim, block_d)
-    grid = (triton.cdiv(xc, block_j) * d_blocks, xr, batch)
-    _cosine_backward_kernel[grid](
-        x, z, out, scal, grad, start_r, start_c,
-        n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
-        span_r, span_c,
-        xr, xc, xsr, xsc, *x.stride(), zr, zc, zsr, zsc, *z.stride(), -1.0 / n_tokens,
-        X_IDENTITY=x_id, Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+        start_r = adjoint_start_table(x_grid[0], target_grid[0], x.device)[0]
+        start_c = adjoint_start_table(x_grid[1], target_grid[1], x.device)[0]
+    out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
+    _cosine_backward_kernel[grid](x, z, out, scal, grad, start_r, start_c, *args[:13], *x.stride(),
+                                  *args[13:17], *z.stride(), args[17], **meta)
     return out
 
 
@@ -269,8 +314,9 @@ def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_gri
     key = _saved_key(h, y, grids)
     scal = _SAVED.get(key) if key is not None else None
     if scal is None:
-        scal, _ = _scalars_and_partials(h, y, *grids)
-    grad = grad.reshape(-1).to(torch.float32).contiguous()
+        scal = _launch_forward(h, y, *grids)[1]
+    if grad.dtype != torch.float32 or not grad.is_contiguous():
+        grad = grad.to(torch.float32).contiguous()
     grad_h = _adjoint(grad, h, y, h_grid, y_grid, target_grid, scal, 1) if needs_h else None
     grad_y = _adjoint(grad, y, h, y_grid, h_grid, target_grid, scal, 2) if needs_y else None
     return grad_h, grad_y
