@@ -300,9 +300,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return group
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The Config a namespace from a parser given :func:`add_config_arguments` describes."""
-    return load_config({k: v for k, v in vars(args).items() if k.startswith(PREFIXES)})
+def config_from_args(args: argparse.Namespace, base: Union[Mapping[str, Any], str, os.PathLike, None] = None
+                     ) -> Config:
+    """The Config of a namespace parsed with :func:`add_config_arguments`: the flags given (not None) over
+    ``base`` (a dict or a JSON/TOML path, as :func:`load_config` takes; e.g. the trainer's config file)."""
+    raw = {} if base is None else _read(base)
+    merged = {_ALIASES.get(k.lstrip("-"), k.lstrip("-")) if isinstance(k, str) else k: v for k, v in raw.items()}
+    merged.update({k: v for k, v in vars(args).items() if k.startswith(PREFIXES) and v is not None})
+    return load_config(merged)
 
 
 def key_table() -> str:

@@ -30,7 +30,7 @@ from .schedule import CoefficientSchedule
 Grid = tuple[int, int]
 
 # Patch-token width of the DINOv2 checkpoints, so the projector can be built before the encoder is loaded.
-_DINOV2_WIDTH = {"s": 384, "b": 768, "l": 1024, "g": 1536}
+_DINOV2_WIDTH = {"small": 384, "base": 768, "large": 1024, "giant": 1536}
 
 
 def build_projector(kind: str, in_width: int, out_width: int, hidden: int = 2048) -> nn.Module:
@@ -78,7 +78,6 @@ class AlignmentRegularizer:
                                          config.projector_dim).to(
             device=param.device if param is not None else None, dtype=torch.float32)
         model.add_module(self.PROJECTOR_ATTR, self.projector)
-        self._inputs_checked = False
         self._removed = False
 
     def _block_index(self) -> Optional[int]:
@@ -170,10 +169,9 @@ class AlignmentRegularizer:
                                  f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)}")
             y, y_grid, source = features.detach().to(device), features_grid, "features"
         else:
-            with torch.no_grad():
+            with torch.no_grad():  # the encoder checks the pixels' shape and [-1, 1] range
                 if latents is not None:
                     pixels = self._decode(latents, vae)
-                self._check_pixels(pixels)
                 y, y_grid = self._encoder(device)(pixels.to(device))
             source = "latents" if latents is not None else "pixels"
         if y.shape[0] != batch:
@@ -203,21 +201,6 @@ class AlignmentRegularizer:
         from .decode import decode_latents
 
         return decode_latents(latents, vae)
-
-    def _check_pixels(self, pixels) -> None:
-        """Shape on every call; the [-1, 1] range on the first call only (it costs a host sync)."""
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
-            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"pixels must be a (B, 3, H, W) image tensor in [-1, 1], got {shape}")
-        if not pixels.is_floating_point():
-            raise TypeError(f"pixels must be floating point in [-1, 1], got {pixels.dtype}")
-        if not self._inputs_checked:
-            lo, hi = (float(v) for v in pixels.aminmax())
-            if lo < -1.01 or hi > 1.01:
-                raise ValueError(f"pixels must be in [-1, 1] (the diffusers convention); got values in "
-                                 f"[{lo:.3g}, {hi:.3g}]. From [0, 1] images pass pixels * 2 - 1; from [0, 255], "
-                                 "pixels / 127.5 - 1")
-            self._inputs_checked = True
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -301,28 +284,30 @@ def _target_width(cfg, encoder, cache) -> int:
     """D, the encoder's token width, known before the encoder is loaded (or without it, with a cache)."""
     if encoder is not None:
         return int(encoder.hidden_size)
-    if cache is not None:
-        width = cache.metadata.get("hidden_size")
-        if width is not None:
-            return int(width)
-        return encoder_width(cache.metadata["encoder"])
-    return encoder_width(cfg.model)
+    if cache is not None and cache.metadata.get("hidden_size") is not None:
+        return int(cache.metadata["hidden_size"])
+    return encoder_geometry(cache.metadata["encoder"] if cache is not None else cfg.model)[0]
 
 
-def encoder_width(name_or_path: str) -> int:
-    """Patch-token width of an encoder from its name or config alone (no weights are loaded)."""
-    from .encoders import resolve_encoder_name
+def encoder_geometry(name_or_path: str) -> tuple[int, int]:
+    """(hidden_size, patch_size) of an encoder from its name or config alone: no weights, and no download
+    for the DINOv2 checkpoints load_encoder names."""
+    from .encoders import ENCODER_ALIASES, resolve_encoder_name
 
     resolved = resolve_encoder_name(name_or_path)
+    if resolved in ENCODER_ALIASES.values():
+        return _DINOV2_WIDTH[resolved.rsplit("-", 1)[1]], 14
     if os.path.isdir(resolved):
         config_path = os.path.join(resolved, "config.json")
         if not os.path.isfile(config_path):
             raise ValueError(f"encoder directory {resolved!r} has no config.json")
         with open(config_path) as fh:
-            return int(json.load(fh)["hidden_size"])
+            config = json.load(fh)
+        return int(config["hidden_size"]), int(config["patch_size"])
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(resolved).hidden_size)
+    config = AutoConfig.from_pretrained(resolved)
+    return int(config.hidden_size), int(config.patch_size)
 
 
 def _open_cache(cfg, encoder):
@@ -331,28 +316,44 @@ def _open_cache(cfg, encoder):
 
     cache = cache_module.FeatureCache(cfg.feature_cache)
     meta, p = cache.metadata, cfg.PREFIX
-    want_name = encoder.name if encoder is not None else cfg.model
-    want_size = int(encoder.image_size) if encoder is not None else cfg.encoder_image_size
-    problems = []
-    if not _same_encoder(meta.get("encoder"), want_name):
-        problems.append(f"encoder {meta.get('encoder')!r} (config: {p}model={want_name!r})")
-    if meta.get("image_size") != want_size:
-        problems.append(f"image size {meta.get('image_size')!r} (config: {p}encoder_image_size={want_size})")
-    have = meta.get("preprocessing") or {}
     if encoder is not None:
-        if have != encoder.preprocessing:
-            problems.append(f"preprocessing {have!r} (the encoder's: {encoder.preprocessing!r})")
-    elif have.get("aspect", "square") != cfg.encoder_aspect:
-        problems.append(f"aspect {have.get('aspect', 'square')!r} (config: {p}encoder_aspect={cfg.encoder_aspect!r})")
+        name, size, preprocessing = encoder.name, int(encoder.image_size), encoder.preprocessing
+        name_from = size_from = "the encoder passed"
+    else:
+        name, size = cfg.model, cfg.encoder_image_size
+        preprocessing = _expected_preprocessing(cfg.model, size, cfg.encoder_aspect)
+        name_from, size_from = f"{p}model", f"{p}encoder_image_size"
+    problems = []
+    if _canonical_encoder(meta.get("encoder")) != _canonical_encoder(name):
+        problems.append(f"encoder {meta.get('encoder')!r} (wanted: {name!r}, from {name_from})")
+    if meta.get("image_size") != size:
+        problems.append(f"image size {meta.get('image_size')!r} (wanted: {size}, from {size_from})")
+    if meta.get("preprocessing") != preprocessing:
+        problems.append(f"preprocessing {meta.get('preprocessing')!r} (wanted: {preprocessing!r})")
     if problems:
         raise ValueError(f"feature cache {cfg.feature_cache!r} was made with " + "; ".join(problems)
                          + ": rebuild it with repa-fused cache-features or change the config to match")
     return cache
 
 
-def _same_encoder(a, b) -> bool:
-    if a is None or b is None:
-        return a == b
+def _expected_preprocessing(name: str, image_size: int, aspect: str) -> dict:
+    """The ``preprocessing`` record of the encoder load_encoder would build, without loading it."""
+    from types import SimpleNamespace
+
+    from .encoders import VisionEncoder
+
+    patch = encoder_geometry(name)[1]
+    return VisionEncoder.preprocessing.fget(SimpleNamespace(image_size=image_size, aspect=aspect, patch_size=patch))
+
+
+def _canonical_encoder(name) -> Optional[str]:
+    """Hub id for names and aliases, the real path for directories; unresolvable names compare as given."""
+    if name is None:
+        return None
     from .encoders import resolve_encoder_name
 
-    return resolve_encoder_name(str(a)) == resolve_encoder_name(str(b))
+    try:
+        resolved = resolve_encoder_name(str(name))
+    except ValueError:
+        return str(name)
+    return os.path.realpath(resolved) if os.path.isdir(resolved) else resolved

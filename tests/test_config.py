@@ -182,6 +182,17 @@ def test_argparse_round_trip():
     assert cfg.repa.spatial_align is False
 
 
+def test_argparse_flags_over_a_base(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    base = {"--crepa_enabled": True, "crepa_encoder": "dinov2_vits14", "crepa_block_index": 3, "lr": 1.0}
+    cfg = config_from_args(parser.parse_args(["--crepa_block_index", "0", "--crepa_model", "dinov2_vitb14"]), base)
+    assert cfg.repa.enabled and cfg.repa.block_index == 0 and cfg.repa.model == "dinov2_vitb14"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(base))
+    assert config_from_args(parser.parse_args([]), path).repa.block_index == 3
+
+
 def test_argparse_rejects_bad_values(capsys):
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)

@@ -189,7 +189,7 @@ def test_lazy_encoder_gets_the_config(monkeypatch):
         return FakeEncoder()
 
     monkeypatch.setattr(encoders, "load_encoder", fake_load)
-    monkeypatch.setattr("repa_fused.regularizers.encoder_width", lambda name: 16)
+    monkeypatch.setattr("repa_fused.regularizers.encoder_geometry", lambda name: (16, 14))
     tiny = TINY_DIT["dit"]()
     reg = build_regularizer({**REPA, "crepa_model": "dinov2_vits14", "crepa_encoder_image_size": 224,
                              "crepa_encoder_aspect": "preserve", "crepa_encoder_frames_batch_size": 3},
@@ -201,11 +201,23 @@ def test_lazy_encoder_gets_the_config(monkeypatch):
                         aspect="preserve")
 
 
-def test_encoder_width_without_weights(dinov2_dir):
-    from repa_fused.regularizers import encoder_width
+def test_encoder_geometry_without_weights(dinov2_dir):
+    from repa_fused.regularizers import encoder_geometry
 
-    assert encoder_width(dinov2_dir) == 16
-    assert encoder_width("dinov2_vitg14") == 1536 and encoder_width("dinov2_vits14_reg") == 384
+    assert encoder_geometry(dinov2_dir) == (16, 7)
+    assert encoder_geometry("dinov2_vitg14") == (1536, 14) and encoder_geometry("dinov2_vits14_reg") == (384, 14)
+    assert encoder_geometry("dino_v2_g") == (1536, 14)  # a SimpleTuner alias
+
+
+def test_pixels_are_checked_by_the_live_encoder(dinov2_dir):
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer({**REPA, "crepa_model": dinov2_dir, "crepa_encoder_image_size": 28}, tiny.model)
+    for bad, error, message in ((pixels() * 127.5 + 127.5, ValueError, r"expects \[-1, 1\]"),
+                                (torch.rand(2, 4, 32, 32), ValueError, r"\(B, 3, H, W\)"),
+                                (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), TypeError, "floating point")):
+        forward(tiny)
+        with pytest.raises(error, match=message):
+            reg.loss(step=0, pixels=bad)
 
 
 # -- λ = 0, cutoffs, resume ----------------------------------------------------------------------------------
@@ -232,7 +244,7 @@ def test_similarity_cutoff_permanent_then_skipped():
                             tiny.model, encoder=enc)
     forward(tiny)
     loss, logs = reg.loss(step=0, pixels=pixels())  # any similarity ≥ -1: cut at once
-    assert float(loss) == 0.0 and float(logs["crepa_weight"]) == 0.0 and bool(logs["crepa_cutoff"])
+    assert float(loss.detach()) == 0.0 and float(logs["crepa_weight"]) == 0.0 and bool(logs["crepa_cutoff"])
     assert "crepa_similarity_ema" in logs and enc.calls == 1
     forward(tiny)
     loss, logs = reg.loss(step=1, pixels=pixels())
@@ -274,10 +286,9 @@ def test_remove_detaches_hooks_and_projector():
 
 
 class FakeCache:
-    """The FeatureCache contract over a dict of (N, D) rows."""
+    """The FeatureCache contract over a dict of (N, D) rows; metadata set by the fixture."""
 
-    metadata = {"encoder": "dinov2_vits14", "image_size": 224, "dtype": "bfloat16",
-                "preprocessing": {"resize": "bilinear", "aspect": "square"}, "hidden_size": 16}
+    metadata: dict = {}
     rows = {f"img{i}.png": torch.randn(16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)}
 
     def __init__(self, path):
@@ -288,9 +299,13 @@ class FakeCache:
 
 
 @pytest.fixture
-def fake_cache(monkeypatch):
+def fake_cache(monkeypatch, dinov2_dir):
     import repa_fused
+    import repa_fused.encoders as encoders
 
+    live = encoders.load_encoder(dinov2_dir, 28)  # the cache says what a live encoder would have used
+    monkeypatch.setattr(FakeCache, "metadata", {"encoder": live.name, "image_size": 28, "dtype": "bfloat16",
+                                                "preprocessing": live.preprocessing})
     module = types.ModuleType("repa_fused.cache")
     module.FeatureCache = FakeCache
     monkeypatch.setitem(sys.modules, "repa_fused.cache", module)
@@ -299,18 +314,18 @@ def fake_cache(monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("the encoder must not be loaded with a feature cache")
 
-    import repa_fused.encoders as encoders
-
     monkeypatch.setattr(encoders, "load_encoder", no_load)
     return FakeCache
 
 
-CACHED = {**REPA, "crepa_model": "dinov2_vits14", "crepa_encoder_image_size": 224, "crepa_feature_cache": "/c"}
+@pytest.fixture
+def cached(dinov2_dir):
+    return {**REPA, "crepa_model": dinov2_dir, "crepa_encoder_image_size": 28, "crepa_feature_cache": "/c"}
 
 
-def test_cache_keys_path(fake_cache):
+def test_cache_keys_path(fake_cache, cached):
     tiny = TINY_DIT["dit"]()
-    reg = build_regularizer(CACHED, tiny.model)
+    reg = build_regularizer(cached, tiny.model)
     keys = ["img2.png", "img0.png"]
     forward(tiny)
     tokens, grid = reg.capture.pop()
@@ -327,19 +342,18 @@ def test_cache_keys_path(fake_cache):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"crepa_model": "dinov2_vitb14"}, "encoder 'dinov2_vits14'"),
-    ({"crepa_encoder_image_size": 518}, "image size 224"),
-    ({"crepa_encoder_aspect": "preserve"}, "aspect 'square'"),
+    ({"crepa_model": "dinov2_vits14"}, "encoder '.*' \\(wanted: 'dinov2_vits14', from crepa_model\\)"),
+    ({"crepa_encoder_image_size": 56}, "image size 28 \\(wanted: 56, from crepa_encoder_image_size\\)"),
+    ({"crepa_encoder_aspect": "preserve"}, "preprocessing .*'aspect': 'square'.* \\(wanted: .*'aspect': 'preserve'"),
 ])
-def test_cache_made_differently_is_refused_at_build(fake_cache, change, message):
+def test_cache_made_differently_is_refused_at_build(fake_cache, cached, change, message):
     with pytest.raises(ValueError, match=f"feature cache '/c' was made with {message}"):
-        build_regularizer({**CACHED, **change}, TINY_DIT["dit"]().model)
+        build_regularizer({**cached, **change}, TINY_DIT["dit"]().model)
 
 
-def test_cache_checked_against_a_passed_encoder(fake_cache):
-    enc = FakeEncoder()
-    with pytest.raises(ValueError, match="preprocessing"):
-        build_regularizer(CACHED, TINY_DIT["dit"]().model, encoder=enc)
+def test_cache_checked_against_a_passed_encoder(fake_cache, cached):
+    with pytest.raises(ValueError, match="wanted: 'fake-encoder', from the encoder passed.*preprocessing"):
+        build_regularizer(cached, TINY_DIT["dit"]().model, encoder=FakeEncoder())
 
 
 # -- errors --------------------------------------------------------------------------------------------------
@@ -381,9 +395,6 @@ def test_loss_errors():
         (dict(features=torch.randn(2, 16, 16), features_grid=None, keys=None), None, None),
         (dict(pixels=pixels(), features_grid=(4, 4)), ValueError, "features_grid= describes features="),
         (dict(keys=["a"]), ValueError, "crepa_feature_cache is not set"),
-        (dict(pixels=pixels() * 127.5 + 127.5), ValueError, r"pixels must be in \[-1, 1\]"),
-        (dict(pixels=torch.rand(2, 4, 32, 32)), ValueError, r"pixels must be a \(B, 3, H, W\)"),
-        (dict(pixels=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), TypeError, "floating point"),
         (dict(pixels=pixels(batch=3)), ValueError, "pixels give 3 samples but the model forward had 2"),
         (dict(features=torch.randn(2, 16, 8)), ValueError, "features have width 8 but the projector maps to 16"),
         (dict(features=torch.randn(2, 16)), ValueError, r"features must be a \(B, N, D\)"),
