@@ -1,0 +1,178 @@
+"""DINOv2 encoders: tiny random checkpoints saved to a temp dir and loaded by path; the real names when reachable."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import tiny_dinov2
+
+from repa_fused.encoders import (ENCODER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, VisionEncoder, load_encoder,
+                                 resolve_encoder_name)
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["dinov2", "with_registers"])
+def checkpoint(request, tmp_path_factory):
+    return tiny_dinov2(tmp_path_factory.mktemp("dinov2"), registers=request.param), request.param
+
+
+def _pixels(b=3, h=40, w=60, seed=0):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_patch_tokens_drop_cls_and_registers(checkpoint):
+    path, registers = checkpoint
+    enc = load_encoder(path, 28)
+    assert enc.num_register_tokens == (2 if registers else 0)
+    assert type(enc.model).__name__ == ("Dinov2WithRegistersModel" if registers else "Dinov2Model")
+    x = _pixels()
+    tokens, grid = enc(x)
+    assert grid == (4, 4) and tokens.shape == (3, 16, enc.hidden_size) == (3, 16, 16)
+    full = enc.model(pixel_values=enc.preprocess(x)).last_hidden_state
+    assert full.shape[1] == 1 + enc.num_register_tokens + 16
+    torch.testing.assert_close(tokens, full[:, 1 + enc.num_register_tokens:], rtol=0, atol=0)
+    assert enc.name == path and enc.patch_size == 7 and enc.image_size == 28
+
+
+def test_preprocessing_formula(checkpoint):
+    enc = load_encoder(checkpoint[0], 28)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    at_size = _pixels(2, 28, 28)  # no resize: the affine map alone
+    torch.testing.assert_close(enc.preprocess(at_size), ((at_size + 1) / 2 - mean) / std)
+    big = _pixels(2, 56, 84)
+    want = F.interpolate((big + 1) / 2, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(enc.preprocess(big), (want - mean) / std)
+    assert enc.preprocessing == {"resize": "bilinear", "antialias": True, "image_size": 28, "aspect": "square",
+                                 "patch_size": 7, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                                 "tokens": "patch", "layernorm": True}
+    # The same images in [0, 1] with pixel_range="0,1" give the same tokens.
+    zero_one = load_encoder(checkpoint[0], 28, pixel_range="0,1")
+    torch.testing.assert_close(zero_one(big.add(1).div(2))[0], enc(big)[0])
+    assert zero_one.preprocessing == enc.preprocessing  # the features do not depend on the input convention
+
+
+def test_frozen_and_no_grad(checkpoint):
+    enc = load_encoder(checkpoint[0], 28)
+    assert not enc.training and not enc.model.training
+    assert all(not p.requires_grad for p in enc.parameters())
+    parent = torch.nn.ModuleDict({"enc": enc}).train()
+    assert not parent["enc"].model.training  # a parent's .train() leaves the encoder in eval mode
+    x = _pixels().requires_grad_(True)
+    tokens, _ = enc(x)
+    assert not tokens.requires_grad and tokens.grad_fn is None
+
+
+def test_slicing_equals_one_batch(checkpoint):
+    x = _pixels(5)
+    whole, grid = load_encoder(checkpoint[0], 28)(x)
+    calls = []
+    sliced_enc = load_encoder(checkpoint[0], 28, max_batch=2)
+    sliced_enc.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["pixel_values"].shape[0]),
+                                               with_kwargs=True)
+    sliced, grid2 = sliced_enc(x)
+    assert calls == [2, 2, 1] and grid2 == grid
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_aspect_preserve_grid(checkpoint):
+    enc = load_encoder(checkpoint[0], 28, aspect="preserve")
+    for (h, w), grid in {(40, 60): (3, 5), (60, 40): (5, 3), (64, 64): (4, 4), (16, 80): (2, 9)}.items():
+        size = enc.input_size(h, w)
+        assert size[0] % 7 == 0 and size[1] % 7 == 0
+        assert 0.5 * 28 ** 2 <= size[0] * size[1] <= 1.5 * 28 ** 2
+        assert enc.grid(h, w) == grid
+        tokens, got = enc(_pixels(1, h, w))
+        assert got == grid and tokens.shape == (1, grid[0] * grid[1], 16)
+    assert enc.preprocessing["aspect"] == "preserve"
+
+
+def test_dtype_and_device(checkpoint):
+    enc = load_encoder(checkpoint[0], 28, dtype=torch.bfloat16, device="cpu")
+    assert enc.model.dtype == torch.bfloat16
+    tokens, _ = enc(_pixels())
+    assert tokens.dtype == torch.bfloat16 and tokens.device.type == "cpu"
+
+
+def test_input_errors(checkpoint):
+    enc = load_encoder(checkpoint[0], 28)
+    with pytest.raises(ValueError, match=r"expects \[-1, 1\]"):
+        enc(_pixels().add(1).mul(127.5))  # [0, 255]
+    zero_one = load_encoder(checkpoint[0], 28, pixel_range="0,1")
+    with pytest.raises(ValueError, match=r"expects \[0, 1\].*pixel_range"):
+        zero_one(_pixels())  # [-1, 1] given to a [0, 1] encoder
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        enc(torch.zeros(2, 4, 28, 28))
+    with pytest.raises(TypeError, match="floating point"):
+        enc(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="pixel_range must be"):
+        load_encoder(checkpoint[0], 28, pixel_range="0,255")
+    with pytest.raises(ValueError, match="aspect must be"):
+        load_encoder(checkpoint[0], 28, aspect="crop")
+    with pytest.raises(ValueError, match="max_batch"):
+        load_encoder(checkpoint[0], 28, max_batch=0)
+    with pytest.raises(ValueError, match="image_size"):
+        load_encoder(checkpoint[0], 3)
+    with pytest.raises(TypeError, match="Dinov2Model"):
+        VisionEncoder(torch.nn.Linear(2, 2))
+
+
+def test_non_dinov2_checkpoint_is_refused(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                       image_size=14, patch_size=7)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'vit' checkpoint"):
+        load_encoder(str(tmp_path), 14)
+
+
+def test_names_and_aliases(tmp_path):
+    sizes = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+    for letter, size in sizes.items():
+        assert resolve_encoder_name(f"dinov2_vit{letter}14") == f"facebook/dinov2-{size}"
+        assert resolve_encoder_name(f"dinov2_vit{letter}14_reg") == f"facebook/dinov2-with-registers-{size}"
+        assert resolve_encoder_name(f"facebook/dinov2-{size}") == f"facebook/dinov2-{size}"
+    # SimpleTuner's spellings (simpletuner/helpers/training/crepa.py) and case.
+    for alias, hub in {"dino_v2_g": "giant", "dinov2_g": "giant", "dinov2-vitg14": "giant", "dino_v2_s": "small",
+                       "dinov2_s": "small", "dinov2-vitb14": "base", "DINOv2_ViTL14": "large"}.items():
+        assert resolve_encoder_name(alias) == f"facebook/dinov2-{hub}"
+    assert all(v.startswith("facebook/dinov2-") for v in ENCODER_ALIASES.values())
+    assert resolve_encoder_name("someone/dinov2-finetune") == "someone/dinov2-finetune"
+    assert resolve_encoder_name(tmp_path) == str(tmp_path)
+    with pytest.raises(ValueError, match="did you mean dinov2_vitg14"):
+        resolve_encoder_name("dinov2_vitg16")
+    with pytest.raises(TypeError):
+        resolve_encoder_name(14)
+
+
+def _hub_reachable(repo: str) -> tuple[bool, str]:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return True, "cached"
+    except ImportError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False, "HF_HUB_OFFLINE is set"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True, "online"
+    except OSError as exc:
+        return False, f"huggingface.co unreachable ({exc})"
+
+
+def test_real_name_dinov2_vits14():
+    reachable, why = _hub_reachable("facebook/dinov2-small")
+    if not reachable:
+        pytest.skip(f"weights of dinov2_vits14 (facebook/dinov2-small) are not in the local Hugging Face cache "
+                    f"and cannot be downloaded: {why}")
+    enc = load_encoder("dinov2_vits14", 224)
+    assert enc.name == "facebook/dinov2-small" and enc.hidden_size == 384 and enc.patch_size == 14
+    tokens, grid = enc(_pixels(1, 224, 224))
+    assert grid == (16, 16) and tokens.shape == (1, 256, 384)
