@@ -1,0 +1,375 @@
+"""Benchmark cases and harness shared by ``repa-fused bench`` and ``bench/`` (pytest-benchmark).
+
+Every case is timed forward+backward (gradient to ``h``; ``y`` frozen, as an encoder's output is) for:
+``eager`` (the reference with PyTorch autograd), ``compile`` (``torch.compile`` of that same eager code)
+and each fused backend available on the device, side by side in one run, median of repeated runs.
+
+Ceilings are measured in the same run: the device-to-device copy bandwidth (bytes read + written) and the
+bf16 matmul rate. Each result is set against them with the counted minimum work of its case:
+* bytes: read h and y once, write grad h once;
+* FLOPs (manifold term): the cheaper of the tiled algorithm, 4·B·N²·D (two similarity matrices halved by
+  symmetry, then (ĤĤᵀ − ŶŶᵀ)Ĥ), and the Gram algorithm, 8·B·N·D² (ĤᵀĤ, ŶᵀŶ halved, ĤᵀŶ, then
+  Ĥ(ĤᵀĤ) − Ŷ(ŶᵀĤ)).
+
+On a CPU the cases keep their token grids (so N and the interpolation are those of the real models) and
+scale the batch by 1/8 and the width by 1/8 (at least 1 and 64), which makes the whole run a minute or two.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import gc
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import __version__, functional, ops, reference
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    loss: str                     # "cosine" | "manifold" | "urepa"
+    batch: int
+    h_grid: tuple[int, int]
+    y_grid: tuple[int, int]
+    dim: int
+    align: str = "min"
+    description: str = ""
+
+    def scaled_for_cpu(self) -> "Case":
+        return dataclasses.replace(self, batch=max(1, self.batch // 8), dim=max(64, self.dim // 8))
+
+    @property
+    def target_grid(self) -> tuple[int, int]:
+        return functional.resolve_grids(self.h_grid[0] * self.h_grid[1], self.y_grid[0] * self.y_grid[1],
+                                        self.h_grid, self.y_grid, self.align)[2]
+
+    def min_bytes(self, element_size: int) -> int:
+        n_h, n_y = self.h_grid[0] * self.h_grid[1], self.y_grid[0] * self.y_grid[1]
+        return element_size * self.batch * self.dim * (2 * n_h + n_y)
+
+    def min_flops(self) -> int:
+        if self.loss == "cosine":
+            return 0
+        n = self.target_grid[0] * self.target_grid[1]
+        tiled = 4 * self.batch * n * n * self.dim
+        gram = 8 * self.batch * n * self.dim * self.dim
+        return min(tiled, gram)
+
+
+CASES: list[Case] = [
+    Case("sit_xl2_256", "cosine", 32, (16, 16), (16, 16), 768, "min",
+         "SiT-XL/2 at 256 px, DINOv2-B at 224 px (REPA)"),
+    Case("flux_1024", "cosine", 4, (64, 64), (37, 37), 1536, "min",
+         "Flux at 1024 px, DINOv2-g at 518 px (REPA, hidden 64×64 -> encoder 37×37)"),
+    Case("sdxl_min", "urepa", 16, (32, 32), (37, 37), 1536, "min",
+         "SDXL mid-block 32×32 vs DINOv2-g 37×37, encoder downsampled (U-REPA, SimpleTuner)"),
+    Case("sdxl_y", "urepa", 16, (32, 32), (37, 37), 1536, "y",
+         "SDXL mid-block 32×32 upsampled to DINOv2-g 37×37 (U-REPA paper)"),
+    Case("sd15_min", "urepa", 16, (8, 8), (37, 37), 1536, "min",
+         "SD1.5 mid-block 8×8 vs DINOv2-g 37×37 (U-REPA)"),
+    Case("hires_manifold", "manifold", 8, (64, 64), (64, 64), 1024, "min",
+         "High-resolution manifold loss, 64×64 tokens"),
+]
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+def make_inputs(case: Case, device, dtype=torch.bfloat16, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n_h, n_y = case.h_grid[0] * case.h_grid[1], case.y_grid[0] * case.y_grid[1]
+    h = torch.randn(case.batch, n_h, case.dim, generator=g).to(device=device, dtype=dtype)
+    y = torch.randn(case.batch, n_y, case.dim, generator=g).to(device=device, dtype=dtype)
+    return h.requires_grad_(True), y
+
+
+def eager_loss(case: Case) -> Callable:
+    """The reference math with PyTorch's own autograd: what a trainer without this library runs."""
+    grids = (case.h_grid, case.y_grid, case.target_grid)
+
+    def loss(h, y):
+        if case.loss == "urepa":
+            terms = reference.urepa(h, y, *grids).mean(-1)
+            return terms[0] + 3.0 * terms[1]
+        fn = reference.cosine_alignment if case.loss == "cosine" else reference.manifold
+        return fn(h, y, *grids).mean()
+
+    return loss
+
+
+def backend_loss(case: Case, backend: str) -> Callable:
+    kwargs = dict(h_grid=case.h_grid, y_grid=case.y_grid, align=case.align, backend=backend)
+    if case.loss == "cosine":
+        return lambda h, y: functional.cosine_alignment_loss(h, y, **kwargs)
+    if case.loss == "manifold":
+        return lambda h, y: functional.manifold_loss(h, y, **kwargs)
+    return lambda h, y: functional.urepa_loss(h, y, manifold_weight=3.0, **kwargs)[0]
+
+
+def variants(case: Case, device: torch.device, backends: Optional[list[str]] = None,
+             with_compile: bool = True) -> dict[str, Callable]:
+    out = {"eager": eager_loss(case)}
+    if with_compile:
+        out["compile"] = torch.compile(eager_loss(case), dynamic=False)
+    for name in ops.available_backends(device):
+        if name != "reference" and (backends is None or name in backends):
+            out[name] = backend_loss(case, name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and memory.
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3) -> list[float]:
+    """Per-call times in ms (CUDA events on a GPU, perf_counter on a CPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _rss_mib(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_cpu_rss() -> bool:
+    """Make glibc map every block of 64 KiB or more on its own and unmap it on free, so that the resident
+    set follows what is allocated (by default freed memory stays cached in the process and hides peaks)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1 and libc.mallopt(m_trim_threshold, 0) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_extra_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Peak memory of one call above what was allocated before it (inputs included in the baseline).
+
+    CUDA: the caching allocator's peak. CPU (Linux): the process's peak RSS, reset through
+    /proc/self/clear_refs before the call; None where that is not available.
+    """
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if not _exact_cpu_rss():
+        return None
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return None
+    base = _rss_mib("VmRSS")
+    fn()
+    peak = _rss_mib("VmHWM")
+    return None if base is None or peak is None else max(peak - base, 0.0)
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """Copy bandwidth (GB/s, bytes read + written) and matmul rate (TFLOP/s) on this device."""
+    n_copy = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(n_copy // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = statistics.median(time_ms(lambda: dst.copy_(src), device, reps=20 if device.type == "cuda" else 5))
+    # The matmul the losses run: bf16 tensor cores on a GPU; fp32 on a CPU, where every backend upcasts.
+    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    mm_ms = statistics.median(time_ms(lambda: a @ b, device, reps=10 if device.type == "cuda" else 3))
+    del src, dst, a, b
+    return {"copy_gbps": 2 * n_copy / copy_ms / 1e6, "matmul_tflops": 2 * size**3 / mm_ms / 1e9,
+            "matmul_dtype": str(dtype).replace("torch.", "")}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+        "repa_fused": __version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_case(case: Case, device: torch.device, reps: int, backends: Optional[list[str]] = None,
+             with_compile: bool = True, dtype=torch.bfloat16, ceilings: Optional[dict] = None) -> list[dict]:
+    h, y = make_inputs(case, device, dtype)
+    rows = []
+    for variant, loss in variants(case, device, backends, with_compile).items():
+        def step():
+            h.grad = None
+            loss(h, y).backward()
+
+        times = time_ms(step, device, reps=reps)
+        ms = statistics.median(times)
+        peak = peak_extra_mib(step, device)
+        row = {
+            "case": case.name, "loss": case.loss, "variant": variant, "batch": case.batch,
+            "h_grid": list(case.h_grid), "y_grid": list(case.y_grid), "target_grid": list(case.target_grid),
+            "dim": case.dim, "align": case.align, "dtype": str(dtype).replace("torch.", ""),
+            "ms": ms, "ms_min": min(times), "reps": reps, "peak_extra_mib": peak,
+            "grad_h_mib": h.numel() * h.element_size() / 2**20,
+            "inputs_mib": (h.numel() * h.element_size() + y.numel() * y.element_size()) / 2**20,
+            "gbps": case.min_bytes(h.element_size()) / ms / 1e6,
+            "tflops": case.min_flops() / ms / 1e9,
+        }
+        if ceilings:
+            row["pct_copy_bw"] = 100 * row["gbps"] / ceilings["copy_gbps"]
+            row["pct_matmul"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
+        rows.append(row)
+        h.grad = None
+    by_variant = {row["variant"]: row["ms"] for row in rows}
+    for row in rows:
+        row["speedup_vs_eager"] = by_variant["eager"] / row["ms"]
+        row["speedup_vs_compile"] = by_variant["compile"] / row["ms"] if "compile" in by_variant else None
+    return rows
+
+
+def run(device=None, cases: Optional[list[str]] = None, reps: Optional[int] = None,
+        backends: Optional[list[str]] = None, with_compile: bool = True, full_size: bool = False,
+        log: Callable[[str], None] = lambda message: None) -> dict:
+    """Run the benchmark; returns {"environment", "ceilings", "results": [row, ...]}."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    selected = [CASES_BY_NAME[name] for name in cases] if cases else CASES
+    if device.type != "cuda" and not full_size:
+        selected = [case.scaled_for_cpu() for case in selected]
+    reps = reps or (50 if device.type == "cuda" else 5)
+    if device.type == "cpu":
+        _exact_cpu_rss()  # before the first allocation, so no cached block hides a peak
+    ceilings = measure_ceilings(device)
+    results = []
+    for case in selected:
+        log(f"{case.name}: B={case.batch} {case.h_grid}->{case.target_grid}<-{case.y_grid} D={case.dim}")
+        results.extend(run_case(case, device, reps, backends, with_compile, ceilings=ceilings))
+    return {"environment": environment(device), "ceilings": ceilings, "cpu_scaled": device.type != "cuda"
+            and not full_size, "results": results}
+
+
+# --------------------------------------------------------------------------------------------------
+# Output.
+
+COLUMNS = [("case", "{}"), ("variant", "{}"), ("ms", "{:.3f}"), ("speedup_vs_eager", "{:.2f}x"),
+           ("speedup_vs_compile", "{:.2f}x"), ("peak_extra_mib", "{:.1f}"), ("gbps", "{:.3g}"),
+           ("pct_copy_bw", "{:.0f}%"), ("tflops", "{:.3g}"), ("pct_matmul", "{:.0f}%")]
+HEADERS = {"ms": "fwd+bwd ms", "speedup_vs_eager": "vs eager", "speedup_vs_compile": "vs compile",
+           "peak_extra_mib": "peak MiB", "gbps": "GB/s", "pct_copy_bw": "% copy", "tflops": "TFLOP/s",
+           "pct_matmul": "% mm"}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (key in ("tflops", "pct_matmul") and row["loss"] == "cosine"):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(report: dict, markdown: bool = False) -> str:
+    env, ceil = report["environment"], report["ceilings"]
+    header = [HEADERS.get(key, key) for key, _ in COLUMNS]
+    body = [[_cell(row, key, fmt) for key, fmt in COLUMNS] for row in report["results"]]
+    title = (f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}\n"
+             f"copy {ceil['copy_gbps']:.0f} GB/s, {ceil['matmul_dtype']} matmul {ceil['matmul_tflops']:.3g} TFLOP/s"
+             + (" | CPU-scaled cases (B/8, D/8)" if report.get("cpu_scaled") else ""))
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return title + "\n\n" + "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    fmt_line = lambda cells: "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in
+                                       enumerate(zip(cells, widths)))
+    return "\n".join([title, fmt_line(header), fmt_line(["-" * w for w in widths])] + [fmt_line(r) for r in body])
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as out:
+        json.dump(report, out, indent=2)
+
+
+def write_csv(report: dict, path: str) -> None:
+    import csv
+
+    keys = list(report["results"][0].keys()) + ["device", "torch", "triton", "date"]
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=keys)
+        writer.writeheader()
+        for row in report["results"]:
+            writer.writerow({**row, **{k: report["environment"][k] for k in ("device", "torch", "triton", "date")}})
+
+
+def plot(report: dict, path: str) -> None:
+    """Bar chart of fwd+bwd time per case and variant (log scale); needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(row["case"] for row in report["results"]))
+    names = list(dict.fromkeys(row["variant"] for row in report["results"]))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.6 * len(cases) + 2, 4))
+    for i, name in enumerate(names):
+        ms = [next((r["ms"] for r in report["results"] if r["case"] == c and r["variant"] == name), math.nan)
+              for c in cases]
+        ax.bar([x + i * width for x in range(len(cases))], ms, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases, rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward+backward ms")
+    ax.set_title(report["environment"]["device"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

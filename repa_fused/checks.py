@@ -1,0 +1,142 @@
+"""``repa-fused check``: every available backend against the reference, on this device.
+
+For each backend, op and dtype, over a list of odd shapes (B=1, N=1, prime D, non-square grids, up- and
+down-sampling, every align mode, zero vectors), the per-sample losses and the gradients of h and y are
+compared with the reference evaluated in float64 on the same inputs, by relative RMSE
+(rms(ref − out) / rms(ref)). Backends that take float64 are also put through ``torch.autograd.gradcheck``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import functional, ops, reference
+
+# (B, h_grid, y_grid, D, align)
+CHECK_CASES = [
+    (1, (1, 1), (1, 1), 5, "min"),
+    (3, (4, 4), (5, 5), 11, "min"),
+    (2, (6, 5), (3, 4), 13, "min"),
+    (2, (2, 3), (5, 7), 17, "y"),
+    (1, (7, 3), (4, 4), 3, "h"),
+    (2, (5, 5), (3, 7), 19, (4, 6)),
+    (2, (9, 9), (7, 7), 77, "y"),
+    (2, (16, 16), (11, 13), 130, "min"),
+]
+GRADCHECK_CASES = [(2, (3, 3), (2, 4), 5, "y"), (1, (2, 3), (3, 3), 3, (2, 2))]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def rel_rmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((ref - out).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
+
+
+@dataclass
+class CheckResult:
+    backend: str
+    op: str
+    dtype: str
+    loss_error: float
+    grad_h_error: float
+    grad_y_error: float
+    tolerance: float
+    passed: bool
+    note: str = ""
+
+
+def _inputs(case, device, dtype, seed):
+    b, h_grid, y_grid, d, _ = case
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, h_grid[0] * h_grid[1], d, generator=g, dtype=torch.float64)
+    y = torch.randn(b, y_grid[0] * y_grid[1], d, generator=g, dtype=torch.float64)
+    h[0, 0] = 0  # a zero vector: must stay finite
+    return h.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+def _terms(op: str, backend: str, h, y, case):
+    _, h_grid, y_grid, _, align = case
+    kwargs = dict(h_grid=h_grid, y_grid=y_grid, align=align, reduction="none", backend=backend)
+    if op == "cosine":
+        return functional.cosine_alignment_loss(h, y, **kwargs).unsqueeze(0)
+    if op == "manifold":
+        return functional.manifold_loss(h, y, **kwargs).unsqueeze(0)
+    return torch.stack(functional.urepa_loss(h, y, **kwargs)[1:])
+
+
+def check_values(backend: str, op: str, dtype: torch.dtype, device) -> CheckResult:
+    worst = [0.0, 0.0, 0.0]
+    finite = True
+    for seed, case in enumerate(CHECK_CASES):
+        h, y = _inputs(case, device, dtype, seed)
+        h.requires_grad_(True)
+        y.requires_grad_(True)
+        out = _terms(op, backend, h, y, case)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        grad_h, grad_y = torch.autograd.grad((out.double() * weights.to(device)).sum(), (h, y))
+        h64 = h.detach().double().requires_grad_(True)
+        y64 = y.detach().double().requires_grad_(True)
+        ref = _terms(op, "reference", h64, y64, case)
+        ref_h, ref_y = torch.autograd.grad((ref * weights.to(device)).sum(), (h64, y64))
+        finite &= bool(torch.isfinite(out).all() and torch.isfinite(grad_h).all() and torch.isfinite(grad_y).all())
+        for i, (a, r) in enumerate(((out, ref), (grad_h, ref_h), (grad_y, ref_y))):
+            worst[i] = max(worst[i], rel_rmse(a, r))
+    tol = TOLERANCE[dtype]
+    passed = finite and max(worst) <= tol
+    return CheckResult(backend, op, str(dtype).replace("torch.", ""), *worst, tol, passed,
+                       "" if finite else "non-finite values")
+
+
+def check_gradcheck(backend: str, op: str, device) -> CheckResult:
+    """fp64 gradcheck of the backend's op through the public API (h and y)."""
+    ok, note = True, ""
+    for case in GRADCHECK_CASES:
+        h, y = _inputs(case, device, torch.float64, seed=7)
+        h[0, 0] = 1.0  # gradcheck's finite differences need a point where the normaliser is smooth
+        h.requires_grad_(True)
+        y.requires_grad_(True)
+        try:
+            ok &= torch.autograd.gradcheck(lambda a, b: _terms(op, backend, a, b, case), (h, y),
+                                           raise_exception=False)
+        except (TypeError, NotImplementedError) as error:  # the backend does not take float64
+            return CheckResult(backend, op, "float64", float("nan"), float("nan"), float("nan"), 0.0, True,
+                               f"gradcheck n/a: {error}")
+    return CheckResult(backend, op, "float64", 0.0, 0.0, 0.0, 0.0, ok, "gradcheck" + ("" if ok else " FAILED"))
+
+
+def run_checks(device=None, backends=None, log: Callable[[str], None] = lambda m: None) -> list[CheckResult]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = [b for b in ops.available_backends(device) if backends is None or b in backends]
+    results = []
+    for backend in names:
+        for op in ops.OP_NAMES:
+            results.append(check_gradcheck(backend, op, device))
+            log(f"{backend} {op} gradcheck: {'ok' if results[-1].passed else 'FAILED'}")
+            if backend == "reference":
+                continue  # the reference is the truth of the value checks
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                results.append(check_values(backend, op, dtype, device))
+                log(f"{backend} {op} {dtype}: {'ok' if results[-1].passed else 'FAILED'}")
+    return results
+
+
+def format_results(results: list[CheckResult], device) -> str:
+    header = ["backend", "op", "dtype", "loss err", "grad h err", "grad y err", "tol", "result"]
+    rows = []
+    for r in results:
+        if r.dtype == "float64":
+            errs = ["-", "-", "-", "-"]
+            verdict = ("ok" if r.passed else "FAIL") + f" ({r.note})"
+        else:
+            errs = [f"{r.loss_error:.1e}", f"{r.grad_h_error:.1e}", f"{r.grad_y_error:.1e}", f"{r.tolerance:.0e}"]
+            verdict = "ok" if r.passed else "FAIL" + (f" ({r.note})" if r.note else "")
+        rows.append([r.backend, r.op, r.dtype, *errs, verdict])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+    failed = sum(not r.passed for r in results)
+    summary = f"{len(results) - failed} passed, {failed} failed"
+    return "\n".join([f"repa-fused check on {device}: backends {ops.available_backends(device)}",
+                      line(header), line(["-" * w for w in widths]), *map(line, rows), summary])

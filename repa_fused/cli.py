@@ -1,0 +1,81 @@
+"""The ``repa-fused`` command: ``check`` | ``bench`` | ``cache-features``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _device_arg(value: Optional[str]):
+    import torch
+
+    device = torch.device(value or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("repa-fused: --device cuda was asked for but no CUDA GPU is available")
+    return device
+
+
+def cmd_check(args) -> int:
+    from . import checks
+
+    device = _device_arg(args.device)
+    log = (lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None)
+    results = checks.run_checks(device, args.backends, log=log)
+    print(checks.format_results(results, device))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_bench(args) -> int:
+    from . import benchmarks
+
+    unknown = [name for name in (args.cases or []) if name not in benchmarks.CASES_BY_NAME]
+    if unknown:
+        raise SystemExit(f"repa-fused bench: unknown case(s) {unknown}; choose from "
+                         f"{list(benchmarks.CASES_BY_NAME)}")
+    device = _device_arg(args.device)
+    report = benchmarks.run(device, cases=args.cases, reps=args.reps, backends=args.backends,
+                            with_compile=not args.no_compile, full_size=args.full_size,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(benchmarks.format_table(report, markdown=args.markdown))
+    if args.json:
+        benchmarks.write_json(report, args.json)
+    if args.csv:
+        benchmarks.write_csv(report, args.csv)
+    if args.plot:
+        benchmarks.plot(report, args.plot)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repa-fused", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate every available backend against the reference")
+    check.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    check.add_argument("--backends", nargs="+", help="only these backends")
+    check.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    check.set_defaults(func=cmd_check)
+
+    bench = sub.add_parser("bench", help="eager, torch.compile and fused backends side by side")
+    bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--cases", nargs="+", help="case names (default: all)")
+    bench.add_argument("--backends", nargs="+", help="only these fused backends")
+    bench.add_argument("--reps", type=int, help="timed repetitions per variant (default 50 GPU, 5 CPU)")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    bench.add_argument("--full-size", action="store_true", help="on a CPU, run the full GPU-sized cases")
+    bench.add_argument("--json", help="write the results as JSON to this path")
+    bench.add_argument("--csv", help="write the results as CSV to this path")
+    bench.add_argument("--plot", help="write a bar chart (PNG) to this path (needs matplotlib)")
+    bench.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

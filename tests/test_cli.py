@@ -1,0 +1,69 @@
+"""The two CLI jobs, run as a user runs them."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from repa_fused import benchmarks, cli
+
+
+def test_check_passes_on_this_device(capsys):
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "0 failed" in out
+
+
+def test_check_fails_loudly_on_a_broken_backend(monkeypatch, capsys):
+    from repa_fused import checks, reference
+
+    original = reference.loss_gradients
+
+    def wrong(op, grad, *args):
+        return original(op, grad * 1.5, *args)
+
+    monkeypatch.setattr(reference, "loss_gradients", wrong)
+    monkeypatch.setattr(checks, "GRADCHECK_CASES", checks.GRADCHECK_CASES[:1])
+    assert cli.main(["check", "--backends", "reference"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_writes_table_json_and_csv(tmp_path, capsys):
+    out_json, out_csv = tmp_path / "b.json", tmp_path / "b.csv"
+    code = cli.main(["bench", "--cases", "sd15_min", "--reps", "1", "--no-compile",
+                     "--json", str(out_json), "--csv", str(out_csv)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "sd15_min" in table and "eager" in table and "peak MiB" in table
+    report = json.loads(out_json.read_text())
+    assert report["environment"]["torch"] and report["ceilings"]["copy_gbps"] > 0
+    assert {r["variant"] for r in report["results"]} >= {"eager"}
+    rows = list(csv.DictReader(out_csv.open()))
+    assert rows[0]["case"] == "sd15_min" and float(rows[0]["ms"]) > 0
+
+
+def test_bench_rejects_unknown_case():
+    with pytest.raises(SystemExit, match="unknown case"):
+        cli.main(["bench", "--cases", "nope"])
+
+
+def test_cpu_scaling_keeps_grids():
+    for case in benchmarks.CASES:
+        small = case.scaled_for_cpu()
+        assert small.h_grid == case.h_grid and small.y_grid == case.y_grid
+        assert small.batch == max(1, case.batch // 8) and small.dim == max(64, case.dim // 8)
+
+
+def test_counted_work():
+    case = benchmarks.CASES_BY_NAME["flux_1024"]
+    assert case.min_bytes(2) == 2 * 4 * 1536 * (2 * 4096 + 1369)
+    hires = benchmarks.CASES_BY_NAME["hires_manifold"]
+    n, d, b = 4096, 1024, 8
+    assert hires.min_flops() == min(4 * b * n * n * d, 8 * b * n * d * d)
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "repa_fused.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "check" in out.stdout and "bench" in out.stdout
