@@ -409,3 +409,59 @@ def test_loss_errors():
     forward(tiny)
     with pytest.raises(ValueError, match="step must be an int ≥ 0"):
         reg.loss(step=-1, pixels=pixels())
+
+
+# -- DDP -----------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = '''
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+sys.path.insert(0, {tests!r})
+from models import TINY_DIT
+import repa_fused as rf
+from test_regularizers import FakeEncoder, pixels
+
+
+def run(rank):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT={port!r})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tiny = TINY_DIT["dit"]()
+    # Step 0: λ = 0 (warmup), step 1: λ > 0, step 2: cut off; the projector must sync on every step.
+    reg = rf.build_regularizer({{"crepa_enabled": True, "crepa_block_index": 1, "crepa_warmup_steps": 1,
+                                "crepa_cutoff_step": 2}}, tiny.model, encoder=FakeEncoder())
+    model = torch.nn.parallel.DistributedDataParallel(tiny.model, find_unused_parameters=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        out = model(**tiny.inputs(batch=2, seed=rank))[0]
+        loss, logs = reg.loss(step=step, pixels=pixels(seed=rank))
+        (out.square().mean() + loss).backward()
+        opt.step()
+        opt.zero_grad()
+    flat = torch.cat([p.detach().flatten() for p in reg.projector.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1])  # the ranks' projectors stayed in sync
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(run, nprocs=2)
+    print("DDP OK")
+'''
+
+
+def test_ddp_two_ranks_with_zero_weight_steps(tmp_path):
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), port=port))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and "DDP OK" in done.stdout, done.stderr[-3000:]
