@@ -465,3 +465,22 @@ def test_ddp_two_ranks_with_zero_weight_steps(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and "DDP OK" in done.stdout, done.stderr[-3000:]
+
+
+def test_accelerate_checkpointing_resumes_the_schedule(tmp_path):
+    from accelerate import Accelerator
+
+    cfg = {**REPA, "crepa_similarity_threshold": 0.99, "crepa_similarity_ema_decay": 0.5}
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer(cfg, tiny.model, encoder=FakeEncoder())
+    accelerator = Accelerator(cpu=True)
+    accelerator.register_for_checkpointing(reg)
+    forward(tiny)
+    reg.loss(step=0, pixels=pixels())
+    saved = reg.state_dict()
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    forward(tiny)
+    reg.loss(step=1, pixels=pixels(seed=5))
+    assert reg.state_dict() != saved
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert reg.state_dict() == saved
