@@ -4,24 +4,21 @@ REPA (``kind="dit"``) taps transformer block ``block_index``; U-REPA (``kind="un
 ``UNet2DConditionModel.mid_block``. Either way ``Capture.pop()`` returns the image tokens of the last
 forward, (B, N, C) row-major on their grid (H, W), still attached to the autograd graph.
 
-How each family is read (blocks are numbered across the listed ModuleLists, in the order the forward
-runs them; negative indices are rejected, the valid range is ``[0, num_blocks(model))``):
+How each family is read. Blocks are numbered across the listed ModuleLists in the order the forward runs
+them; the valid range is ``[0, num_blocks(model))`` (negative indices are rejected). "Tuple" is the element
+taken from blocks that return two streams; "joint" is where the image tokens sit in a text+image sequence.
 
-==========================  ==========================================  ===================================
-family                      blocks, in order                            image tokens of a block's output
-==========================  ==========================================  ===================================
-Flux, Flux2, Chroma         transformer_blocks, single_transformer_blocks  tuple -> [1]; joint tensor -> the
-                                                                        last N (text comes first)
-AuraFlow                    joint_transformer_blocks, single_transformer_blocks  same as Flux
-SD3                         transformer_blocks                          tuple -> [1]
-HiDreamImage                double_stream_blocks, single_stream_blocks  tuple -> [0]; joint tensor -> the
-                                                                        first N (image first, then padding
-                                                                        and text)
-Lumina2                     layers (the joint blocks, not the refiners)  per sample from its caption length
-                                                                        (``encoder_attention_mask``)
-Sana, PixArt, DiT           transformer_blocks                          the output itself
-UNet2DConditionModel        mid_block                                   (B, C, H, W) -> (B, H·W, C)
-==========================  ==========================================  ===================================
+- Flux, Flux2, Chroma: ``transformer_blocks`` then ``single_transformer_blocks``; tuple [1]; joint: the
+  last N tokens (text first).
+- AuraFlow: ``joint_transformer_blocks`` then ``single_transformer_blocks``; as Flux (register tokens and
+  text first).
+- SD3: ``transformer_blocks``; tuple [1].
+- HiDreamImage: ``double_stream_blocks`` then ``single_stream_blocks``; tuple [0]; joint: the first N tokens
+  (image first, then padding up to ``max_seq`` for non-square latents, then text).
+- Lumina2: ``layers`` (the joint blocks, not the refiners); joint: per sample, the N tokens after its valid
+  caption tokens (``encoder_attention_mask``), gathered on device.
+- Sana, PixArt, DiT: ``transformer_blocks``; the output is the image tokens.
+- UNet2DConditionModel (SD1.5, SDXL, Kolors): ``mid_block``; (B, C, H, W) -> (B, H·W, C).
 
 Token grid: models fed (B, C, H, W) latents give (H // p, W // p) with p = ``config.patch_size``. Packed
 models (Flux, Flux2, Chroma: (B, N, C) tokens) read it from ``img_ids`` (column 1 = row, column 2 =
@@ -209,7 +206,11 @@ class Capture:
         self._raw = None
 
     def pop(self) -> tuple[torch.Tensor, Grid]:
-        """(tokens (B, N, C), grid (H, W)) of the last forward's image stream; the store is emptied."""
+        """(tokens (B, N, C), grid (H, W)) of the last forward's image stream; the store is emptied.
+
+        Every forward stores (the latest wins), ``no_grad`` ones too: their tokens carry no graph, which
+        suits validation metrics. Pop once per training forward, after it and before ``backward``.
+        """
         raw, self._raw = self._raw, None
         if raw is None:
             raise RuntimeError(

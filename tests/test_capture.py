@@ -228,6 +228,25 @@ def test_packed_grid_from_img_ids_and_override():
         cap.remove()
 
 
+def test_hidream_packed_input_grid_from_img_sizes():
+    t = tiny("hidream")
+    inputs = t.inputs(batch=2)
+    cap = attach_capture(t.model, "dit", 3)
+    try:
+        t.model(**inputs)
+        want, want_grid = cap.pop()
+        # The same forward fed pre-patchified tokens, padded to max_seq (non-square), with their sizes.
+        packed, masks, sizes, ids = t.model.patchify(inputs["hidden_states"])
+        assert masks is not None and packed.shape[1] > 12
+        inputs.update(hidden_states=packed, hidden_states_masks=masks, img_sizes=sizes, img_ids=ids)
+        t.model(**inputs)
+        tokens, grid = cap.pop()
+    finally:
+        cap.remove()
+    assert grid == want_grid == t.grid
+    torch.testing.assert_close(tokens, want)
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
