@@ -126,38 +126,41 @@ def kernel_split(case, results):
         results.append(row)
 
 
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 4), (64, 64, 4, 4), (128, 128, 8, 2)]
-BWD_CONFIGS = [(64, 128, 64, 128, 4, 3), (128, 128, 64, 128, 8, 3), (64, 64, 64, 256, 4, 3),
-               (128, 64, 64, 128, 8, 3), (64, 128, 64, 64, 4, 4), (128, 128, 32, 128, 8, 4)]
+PANEL_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4),
+                 (128, 64, 64, 8, 3)]
+PROD_CONFIGS = [(64, 128, 8, 3), (64, 256, 8, 3), (64, 128, 8, 4), (128, 128, 8, 3), (32, 256, 8, 4)]
+VEC_CONFIGS = [(16, 128, 4), (8, 256, 4), (32, 128, 8), (16, 256, 8), (4, 512, 4)]
 
 
 def sweep(case, results):
+    """One field group at a time around the default (the others at their defaults)."""
     h, y = benchmarks.make_inputs(case, "cuda")
-    prep = M._prepare(h.detach(), y, case.h_grid, case.y_grid, case.target_grid)
+    grids = (case.h_grid, case.y_grid, case.target_grid)
+    prep = M._prepare(h.detach(), y, *grids)
     b, n, d = prep.shape
     coef = torch.rand(b, 2, device="cuda")
     out = torch.empty(b, n, d, device="cuda", dtype=h.dtype)
     default = M.CONFIG
-    for blk, bk, w, s in FWD_CONFIGS:
-        M.CONFIG = dataclasses.replace(default, fwd_block=blk, fwd_block_k=bk, fwd_warps=w, fwd_stages=s)
-        try:
-            M._tiled_loss(prep)
-            t = ms(lambda: M._tiled_loss(prep))
-            results.append({"case": case.name, "kernel": "fwd", "config": (blk, bk, w, s), "ms": t,
-                            "tflops": 2 * b * n * n * d / t / 1e9})
-        except Exception as exc:
-            print(f"fwd {(blk, bk, w, s)}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
-    for bm, bn, bk, bd, w, s in BWD_CONFIGS:
-        M.CONFIG = dataclasses.replace(default, bwd_block_m=bm, bwd_block_n=bn, bwd_block_k=bk,
-                                       bwd_block_d=bd, bwd_warps=w, bwd_stages=s)
-        try:
-            M._tiled_backward(prep, coef, out, None, True)
-            t = ms(lambda: M._tiled_backward(prep, coef, out, None, True))
-            results.append({"case": case.name, "kernel": "bwd", "config": (bm, bn, bk, bd, w, s), "ms": t,
-                            "tflops": 6 * b * n * n * d / t / 1e9})
-        except Exception as exc:
-            print(f"bwd {(bm, bn, bk, bd, w, s)}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
-    M.CONFIG = default
+    groups = [("panel", PANEL_CONFIGS, ("panel_block_m", "panel_block_n", "panel_block_k", "panel_warps",
+                                         "panel_stages"), lambda: M._tiled_backward(prep, coef, out, None, True),
+               6 * b * n * n * d),
+              ("prod", PROD_CONFIGS, ("prod_block_k", "prod_block_d", "prod_warps", "prod_stages"),
+               lambda: M._tiled_backward(prep, coef, out, None, True), 6 * b * n * n * d),
+              ("vec", VEC_CONFIGS, ("vec_block_t", "vec_block_d", "vec_warps"),
+               lambda: M._prepare(h.detach(), y, *grids), None)]
+    for kernel, configs, fields, fn, work in groups:
+        for config in configs:
+            M.CONFIG = dataclasses.replace(default, **dict(zip(fields, config)))
+            try:
+                fn()
+                t = ms(fn)
+                row = {"case": case.name, "kernel": kernel, "config": config, "ms": t}
+                if work:
+                    row["tflops"] = work / t / 1e9
+                results.append(row)
+            except Exception as exc:
+                print(f"{kernel} {config}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+        M.CONFIG = default
 
 
 def accuracy(results, grid=(64, 64), dim=1024, batch=2):

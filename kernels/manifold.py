@@ -13,12 +13,13 @@ by the similarity tiles, so paying the 4-tap interpolation and the norm once bea
 every tile load (measured: notes/manifold.md). Two algorithms then give the same loss:
 
 * tiled (flash-attention style): forward streams the (i ≤ j) tiles of S_h − S_y through registers and
-  sums their squares (symmetry halves the work: 2·N²·D FLOPs). Backward is persistent: each program
-  takes a block of BLOCK_M rows, writes that row panel of S_h − S_y (BLOCK_M × N) to its own scratch
-  (scratch is programs × BLOCK_M × N: linear in N), then multiplies the panel by Ĥ chunk by chunk of D
-  (D is far wider than a register tile: 6·N²·D FLOPs). The normaliser's radial term needs
-  G_i·ĥ_i = (4g/N²) Σ_j (S_h − S_y)_ij (S_h)_ij − (g_cos/N) ĥ_i·ŷ_i, which phase 1 already has, so the
-  gradient leaves the kernel projected and scaled, never stored unnormalised.
+  sums their squares (symmetry halves the work: 2·N²·D FLOPs). The backward cannot keep a row block's
+  gradient in registers as flash attention does (it is BLOCK_M × D, D ≈ 1–2K), so it works in rounds:
+  one kernel writes the row panels (BLOCK_M × N each) of S_h − S_y for as many (image, row block)
+  items as a fixed workspace holds (WORKSPACE: 32 MiB, whatever N is), a second multiplies each panel
+  by Ĥ, one D chunk per program (6·N²·D FLOPs in all). The normaliser's radial term needs
+  G_i·ĥ_i = (4g/N²) Σ_j (S_h − S_y)_ij (S_h)_ij − (g_cos/N) ĥ_i·ŷ_i, which the first kernel sums on
+  the way, so the gradient leaves the second kernel projected and scaled, never stored unnormalised.
 * gram: ‖S_h − S_y‖²_F = ‖ĤᵀĤ‖²_F + ‖ŶᵀŶ‖²_F − 2‖ĤᵀŶ‖²_F and (S_h − S_y)Ĥ = Ĥ(ĤᵀĤ) − Ŷ(ŶᵀĤ), i.e.
   Zᵀ Z with signs (8·N·D² FLOPs) and Z·[ĤᵀĤ; −ŶᵀĤ] (4·N·D² each way), through cuBLAS. It subtracts large
   numbers, so the D×D products are kept in fp32 and the second product multiplies by a bf16 hi + lo
@@ -30,6 +31,7 @@ Choice: REPA_FUSED_MANIFOLD_ALGO=auto|tiled|gram (read at import) or the module 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -48,11 +50,14 @@ ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
 
 # Cost model (FLOPs per image, h-gradient only; y's gradient adds the same again to both backward paths):
 #   tiled: forward 2·N²·D, backward 6·N²·D;  gram: forward 8·N·D², backward 12·N·D²
-# and cuBLAS runs its products GRAM_EFFICIENCY times faster than the Triton tiles (measured, notes).
-GRAM_EFFICIENCY = 1.3
-# Gram's forward loses about 2^-24·√N·ratio of relative accuracy, ratio = (‖ĤᵀĤ‖² + ‖ŶᵀŶ‖²) / ‖S_h − S_y‖²
-# (measured against fp64, notes/manifold.md); above this ratio the tiled kernel recomputes the loss.
-GRAM_MAX_CANCELLATION = 1e4
+# and the Gram path's products run GRAM_EFFICIENCY times the Triton tiles' rate (measured on an H100,
+# notes/manifold.md: the forward reductions and the backward's hi/lo split eat cuBLAS's edge).
+GRAM_EFFICIENCY = {"forward": 0.9, "backward": 0.9}
+# The Gram forward's relative error against fp64 grew as ≈ 5e-6·ratio on an H100 (N = 4096, D = 1024),
+# ratio = (‖ĤᵀĤ‖² + ‖ŶᵀŶ‖²) / ‖S_h − S_y‖²; above this ratio (error ≳ 1e-3) the tiled kernel recomputes
+# the loss. The backward needs no guard: with the hi/lo split its error stayed ≤ 1e-3 up to ratio 3e5,
+# the size of the tiled backward's own (bf16 panel) error.
+GRAM_MAX_CANCELLATION = 200.0
 
 
 def choose_algorithm(n_tokens: int, dim: int, backward: bool = False) -> str:
@@ -63,8 +68,8 @@ def choose_algorithm(n_tokens: int, dim: int, backward: bool = False) -> str:
     if ALGORITHM != "auto":
         return ALGORITHM
     tiled = (6.0 if backward else 2.0) * n_tokens * n_tokens * dim
-    gram = (12.0 if backward else 8.0) * n_tokens * dim * dim / GRAM_EFFICIENCY
-    return "gram" if gram < tiled else "tiled"
+    gram = (12.0 if backward else 8.0) * n_tokens * dim * dim
+    return "gram" if gram < tiled * GRAM_EFFICIENCY["backward" if backward else "forward"] else "tiled"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,95 +125,88 @@ def _tiled_forward_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, stride_zb,
     tl.store(partial_ptr + b * n_pairs + pair, tl.where(ti == tj, total, 2.0 * total))
 
 
-@triton.jit
-def _panel_gradient(panel_ptr, width, z_ptr, stride_zn, own_off, other_off, rows, n_tokens, dim,
-                    c_man, c_cos, radial, rnorm, out_ptr, stride_on,
-                    HAS_COS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """out[rows] = (G − radial·x̂) · rnorm, G = c_man·(panel @ X̂) − c_cos·other, chunk by chunk of D.
+@triton.jit(do_not_specialize=["item0"])
+def _panel_kernel(z_ptr, panel_ptr, radial_ptr, n_tokens, dim, row_tiles, item0, stride_zb, stride_zn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward phase 1, grid (column tiles, items of this round); item = b·row_tiles + row tile.
 
-    panel: this program's (BLOCK_M, width) rows of S_h − S_y; X̂ = Z[:, own_off:own_off + D].
+    panel[item, :, cols] = (S_h − S_y)[rows, cols] (compute dtype), and the radial partial sums
+    radial[item, 0|1, column tile, :] = Σ_cols (S_h − S_y)·S_h | S_y (fp32).
     """
+    tj = tl.program_id(0)
+    local = tl.program_id(1)
+    item = item0 + local
+    b = item // row_tiles
+    r_local = tl.arange(0, BLOCK_M)
+    rows = (item % row_tiles) * BLOCK_M + r_local
+    cols = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, stride_zn, rows, cols, n_tokens,
+                                     dim, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, PRECISION)
+    diff = acc_h - acc_y
+    col_tiles = tl.num_programs(0)
+    p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * col_tiles * BLOCK_N
+    tl.store(p_panel + r_local[:, None] * (col_tiles * BLOCK_N) + cols[None, :],
+             diff.to(panel_ptr.dtype.element_ty))
+    p_radial = radial_ptr + (local * 2 * col_tiles + tj) * BLOCK_M + r_local
+    tl.store(p_radial, tl.sum(diff * acc_h, axis=1))
+    tl.store(p_radial + col_tiles * BLOCK_M, tl.sum(diff * acc_y, axis=1))
+
+
+@triton.jit(do_not_specialize=["item0"])
+def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, coef_ptr, out_ptr, n_tokens, dim,
+                          row_tiles, col_tiles, width, item0, own, sign, stride_zb, stride_zn, stride_ob, stride_on,
+                          HAS_COS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward phase 2, grid (D chunks, items of this round): the panel (width = padded N) times X̂ = Ĥ (own = 0) or Ŷ
+    (own = 1), leaving through the normaliser:
+
+        G = sign·c_man·(panel @ X̂) − c_cos·other,   out = (G − (G·x̂) x̂)·rnorm,
+        G·x̂ = sign·c_man·Σ radial[own] − c_cos·ĥ·ŷ   (no second pass over D).
+
+    coef (B, 2) = (4·g_man/N², g_cos/N); stats (B, 3, N) = (1/‖h‖, 1/‖y‖, ĥ·ŷ).
+    """
+    d_chunk = tl.program_id(0)
+    local = tl.program_id(1)
+    item = item0 + local
+    b = item // row_tiles
+    r_local = tl.arange(0, BLOCK_M)
+    rows = (item % row_tiles) * BLOCK_M + r_local
     m_r = rows < n_tokens
-    r_local = tl.arange(0, BLOCK_M)
-    for d0 in range(0, dim, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        m_d = ds < dim
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for k0 in range(0, width, BLOCK_N):
-            ks = k0 + tl.arange(0, BLOCK_N)
-            b_p = tl.load(panel_ptr + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
-            b_x = tl.load(z_ptr + ks[:, None] * stride_zn + own_off + ds[None, :],
-                          mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
-            acc = tl.dot(b_p, b_x, acc, input_precision=PRECISION)
-        m_rd = m_r[:, None] & m_d[None, :]
-        b_own = tl.load(z_ptr + rows[:, None] * stride_zn + own_off + ds[None, :], mask=m_rd,
-                        other=0.0).to(tl.float32)
-        grad = c_man * acc
-        if HAS_COS:
-            b_other = tl.load(z_ptr + rows[:, None] * stride_zn + other_off + ds[None, :], mask=m_rd,
-                              other=0.0).to(tl.float32)
-            grad -= c_cos * b_other
-        grad = (grad - radial[:, None] * b_own) * rnorm[:, None]
-        tl.store(out_ptr + rows[:, None] * stride_on + ds[None, :], grad.to(out_ptr.dtype.element_ty),
-                 mask=m_rd)
-
-
-@triton.jit
-def _tiled_backward_kernel(z_ptr, stats_ptr, coef_ptr, scratch_ptr, out_h_ptr, out_y_ptr,
-                           n_tokens, dim, n_row_tiles, n_items, stride_zb, stride_zn,
-                           stride_hb, stride_hn, stride_yb, stride_yn,
-                           NEEDS_H: tl.constexpr, NEEDS_Y: tl.constexpr, HAS_COS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """Persistent: item = (b, row tile). Phase 1 writes the row panel of S_h − S_y to this program's
-    scratch and the radial sums; phase 2 multiplies it by Ĥ (and Ŷ) into normaliser-projected grads.
-
-    stats (B, 3, N): 1/‖h‖, 1/‖y‖, ĥ·ŷ; coef (B, 2): 4·g_man/N², g_cos/N.
-    """
-    pid = tl.program_id(0)
-    width = tl.cdiv(n_tokens, BLOCK_N) * BLOCK_N
-    panel_ptr = scratch_ptr + pid.to(tl.int64) * BLOCK_M * width
-    r_local = tl.arange(0, BLOCK_M)
-    for item in range(pid, n_items, tl.num_programs(0)):
-        b = item // n_row_tiles
-        rows = (item % n_row_tiles) * BLOCK_M + r_local
-        m_r = rows < n_tokens
-        z_b = z_ptr + b.to(tl.int64) * stride_zb
-        radial_h = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        radial_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for c0 in range(0, width, BLOCK_N):
-            cols = c0 + tl.arange(0, BLOCK_N)
-            acc_h, acc_y = _similarity_tiles(z_b, stride_zn, rows, cols, n_tokens, dim,
-                                             BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, PRECISION)
-            diff = acc_h - acc_y
-            radial_h += tl.sum(diff * acc_h, axis=1)
-            radial_y += tl.sum(diff * acc_y, axis=1)
-            tl.store(panel_ptr + r_local[:, None] * width + cols[None, :],
-                     diff.to(scratch_ptr.dtype.element_ty))
-        # The panel was written by all threads of this program; phase 2 reads it in other layouts.
-        tl.debug_barrier()
-        c_man = tl.load(coef_ptr + 2 * b)
-        c_cos = tl.load(coef_ptr + 2 * b + 1)
-        stats_b = stats_ptr + b.to(tl.int64) * 3 * n_tokens
-        cos = radial_h * 0.0
-        if HAS_COS:
-            cos = tl.load(stats_b + 2 * n_tokens + rows, mask=m_r, other=0.0)
-        if NEEDS_H:
-            rnorm = tl.load(stats_b + rows, mask=m_r, other=0.0)
-            # Below eps the normaliser is a plain scaling: no radial projection (as the reference).
-            radial = tl.where(rnorm < 1.0 / 1e-12, c_man * radial_h - c_cos * cos, 0.0)
-            _panel_gradient(panel_ptr, width, z_b, stride_zn, 0, dim, rows, n_tokens, dim, c_man, c_cos,
-                            radial, rnorm, out_h_ptr + b.to(tl.int64) * stride_hb, stride_hn,
-                            HAS_COS, BLOCK_M, BLOCK_N, BLOCK_D, COMPUTE, PRECISION)
-        if NEEDS_Y:
-            rnorm = tl.load(stats_b + n_tokens + rows, mask=m_r, other=0.0)
-            radial = tl.where(rnorm < 1.0 / 1e-12, -c_man * radial_y - c_cos * cos, 0.0)
-            _panel_gradient(panel_ptr, width, z_b, stride_zn, dim, 0, rows, n_tokens, dim, -c_man, c_cos,
-                            radial, rnorm, out_y_ptr + b.to(tl.int64) * stride_yb, stride_yn,
-                            HAS_COS, BLOCK_M, BLOCK_N, BLOCK_D, COMPUTE, PRECISION)
-        # The next item overwrites the panel.
-        tl.debug_barrier()
+    ds = d_chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = ds < dim
+    z_b = z_ptr + b.to(tl.int64) * stride_zb
+    own_off = own * dim
+    p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * width
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, n_tokens, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        b_p = tl.load(p_panel + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
+        b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :],
+                      mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
+        acc = tl.dot(b_p, b_x, acc, input_precision=PRECISION)
+    radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_radial = radial_ptr + (local * 2 + own) * col_tiles * BLOCK_M + r_local
+    for t in range(col_tiles):
+        radial += tl.load(p_radial + t * BLOCK_M)
+    c_man = sign * tl.load(coef_ptr + 2 * b)
+    c_cos = tl.load(coef_ptr + 2 * b + 1)
+    stats_b = stats_ptr + b.to(tl.int64) * 3 * n_tokens
+    radial = c_man * radial
+    m_rd = m_r[:, None] & m_d[None, :]
+    grad = c_man * acc
+    if HAS_COS:
+        radial -= c_cos * tl.load(stats_b + 2 * n_tokens + rows, mask=m_r, other=0.0)
+        grad -= c_cos * tl.load(z_b + rows[:, None] * stride_zn + (dim - own_off) + ds[None, :], mask=m_rd,
+                                other=0.0).to(tl.float32)
+    rnorm = tl.load(stats_b + own * n_tokens + rows, mask=m_r, other=0.0)
+    # Below eps the normaliser is a plain scaling: no radial projection (as the reference).
+    radial = tl.where(rnorm < 1.0 / 1e-12, radial, 0.0)
+    b_own = tl.load(z_b + rows[:, None] * stride_zn + own_off + ds[None, :], mask=m_rd,
+                    other=0.0).to(tl.float32)
+    grad = (grad - radial[:, None] * b_own) * rnorm[:, None]
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + rows[:, None] * stride_on + ds[None, :],
+             grad.to(out_ptr.dtype.element_ty), mask=m_rd)
 
 
 @triton.jit
@@ -347,27 +345,38 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 @dataclass
 class _Config:
-    """Tile shapes. GPU values are the H100/H200 measurements of notes/manifold.md. Under the
-    interpreter the tiles are 16 (the smallest tl.dot) so that tiny test shapes still cross tile edges,
-    and the D-wide loops 32 (the interpreter's cost is per operation: fewer, wider steps)."""
+    """Tile shapes: the H100 measurements of notes/manifold.md for 2-byte operands; 4-byte (fp32)
+    operands halve the K steps to fit shared memory. Under the interpreter the tiles are 16 (the
+    smallest tl.dot) so that tiny test shapes cross tile edges, the D-wide loops 32 (its cost is per
+    operation), and the workspace a few KB so that the backward runs in several rounds."""
 
     fwd_block: int = 128
     fwd_block_k: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
-    bwd_block_m: int = 64
-    bwd_block_n: int = 128
-    bwd_block_k: int = 64
-    bwd_block_d: int = 128
-    bwd_warps: int = 4
-    bwd_stages: int = 3
+    panel_block_m: int = 128
+    panel_block_n: int = 128
+    panel_block_k: int = 64
+    panel_warps: int = 8
+    panel_stages: int = 3
+    prod_block_k: int = 64
+    prod_block_d: int = 128
+    prod_warps: int = 8
+    prod_stages: int = 3
     vec_block_t: int = 16
     vec_block_d: int = 128
+    vec_warps: int = 4
+    # Backward workspace: row panels of S_h − S_y, processed in rounds that fit this many bytes.
+    workspace_bytes: int = 32 * 2**20
 
     @classmethod
-    def current(cls) -> "_Config":
+    def current(cls, element_size: int = 2) -> "_Config":
         if _interpreting():
-            return cls(16, 32, 1, 1, 16, 16, 32, 16, 1, 1, 16, 32)
+            return cls(16, 32, 1, 1, 16, 16, 32, 1, 1, 16, 16, 1, 1, 16, 32, 1, 8 * 2**10)
+        if element_size > 2:
+            return dataclasses.replace(CONFIG, fwd_block_k=CONFIG.fwd_block_k // 2,
+                                       panel_block_k=CONFIG.panel_block_k // 2,
+                                       prod_block_k=CONFIG.prod_block_k // 2)
         return CONFIG
 
 
@@ -414,13 +423,13 @@ def _prepare(h, y, h_grid, y_grid, target_grid) -> _Prepared:
         y_grid[0], y_grid[1], interp.axis_scale(y_grid[0], target_grid[0]),
         interp.axis_scale(y_grid[1], target_grid[1]),
         H_IDENTITY=tuple(h_grid) == tuple(target_grid), Y_IDENTITY=tuple(y_grid) == tuple(target_grid),
-        BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d)
+        BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
     return _Prepared(z, stats)
 
 
 def _tiled_loss(prep: _Prepared) -> torch.Tensor:
     batch, n_tokens, dim = prep.shape
-    cfg = _Config.current()
+    cfg = _Config.current(prep.z.element_size())
     tiles = triton.cdiv(n_tokens, cfg.fwd_block)
     pairs = tiles * (tiles + 1) // 2
     # (B, pairs) with pairs ≈ N²/(2·BLOCK²): a few KB, summed in a fixed order (deterministic).
@@ -465,31 +474,36 @@ def manifold_values(prep: _Prepared, algorithm: Optional[str] = None) -> torch.T
     return _tiled_loss(prep)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 3  # the interpreter: a few programs, so the persistent loop takes several items
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tiled_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
+    """Row panels of S_h − S_y (BLOCK_M × N each) for as many (image, row tile) items as the workspace
+    holds, then their products with Ĥ (and Ŷ); repeated until every row is done."""
     batch, n_tokens, dim = prep.shape
-    cfg = _Config.current()
-    row_tiles = triton.cdiv(n_tokens, cfg.bwd_block_m)
+    z = prep.z
+    cfg = _Config.current(z.element_size())
+    block_m = cfg.panel_block_m
+    row_tiles = triton.cdiv(n_tokens, block_m)
+    col_tiles = triton.cdiv(n_tokens, cfg.panel_block_n)
+    width = col_tiles * cfg.panel_block_n
     items = batch * row_tiles
-    programs = min(items, _sm_count(prep.z.device))
-    width = triton.cdiv(n_tokens, cfg.bwd_block_n) * cfg.bwd_block_n
-    # One row panel per program: programs × BLOCK_M × N, linear in N.
-    scratch = torch.empty(programs, cfg.bwd_block_m, width, dtype=prep.z.dtype, device=prep.z.device)
-    dummy = prep.z
-    _tiled_backward_kernel[(programs,)](
-        prep.z, prep.stats, coef, scratch, out_h if out_h is not None else dummy,
-        out_y if out_y is not None else dummy, n_tokens, dim, row_tiles, items,
-        prep.z.stride(0), prep.z.stride(1),
-        *(out_h.stride()[:2] if out_h is not None else (0, 0)),
-        *(out_y.stride()[:2] if out_y is not None else (0, 0)),
-        NEEDS_H=out_h is not None, NEEDS_Y=out_y is not None, HAS_COS=has_cos,
-        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.bwd_block_k, BLOCK_D=cfg.bwd_block_d,
-        num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **prep.dot_args())
+    rounds = triton.cdiv(items, max(1, cfg.workspace_bytes // (block_m * width * z.element_size())))
+    group = triton.cdiv(items, rounds)
+    panel = torch.empty(group, block_m, width, dtype=z.dtype, device=z.device)
+    radial = torch.empty(group, 2, col_tiles, block_m, dtype=torch.float32, device=z.device)
+    dot_args = prep.dot_args()
+    for item0 in range(0, items, group):
+        count = min(group, items - item0)
+        _panel_kernel[(col_tiles, count)](
+            z, panel, radial, n_tokens, dim, row_tiles, item0, z.stride(0), z.stride(1),
+            BLOCK_M=block_m, BLOCK_N=cfg.panel_block_n, BLOCK_K=cfg.panel_block_k,
+            num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
+        for out, own, sign in ((out_h, 0, 1.0), (out_y, 1, -1.0)):
+            if out is None:
+                continue
+            _panel_product_kernel[(triton.cdiv(dim, cfg.prod_block_d), count)](
+                panel, radial, z, prep.stats, coef, out, n_tokens, dim, row_tiles, col_tiles, width, item0,
+                own, sign, z.stride(0), z.stride(1), out.stride(0), out.stride(1), HAS_COS=has_cos,
+                BLOCK_M=block_m, BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d,
+                num_warps=cfg.prod_warps, num_stages=cfg.prod_stages, **dot_args)
 
 
 def _gram_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
@@ -515,7 +529,7 @@ def _gram_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
             grad, grad_lo if grad_lo is not None else grad, z, prep.stats, coef, out, n_tokens, dim,
             z.stride(0), z.stride(1), out.stride(0), out.stride(1), own_off, dim - own_off, own_off // dim,
             sign, HAS_LO=grad_lo is not None, HAS_COS=has_cos, BLOCK_T=cfg.vec_block_t,
-            BLOCK_D=cfg.vec_block_d)
+            BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
 
 
 def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
@@ -529,7 +543,7 @@ def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> tor
         grad_t, out, start_r, start_c, n_src, dim, target_grid[0], target_grid[1], grid[0], grid[1],
         interp.axis_scale(grid[0], target_grid[0]), interp.axis_scale(grid[1], target_grid[1]),
         k_rows, k_cols, grad_t.stride(0), grad_t.stride(1), out.stride(0), out.stride(1),
-        BLOCK_S=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d)
+        BLOCK_S=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
     return out
 
 
