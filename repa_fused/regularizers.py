@@ -192,7 +192,7 @@ class AlignmentRegularizer:
         return self.encoder
 
     def _decode(self, latents: torch.Tensor, vae: nn.Module) -> torch.Tensor:
-        tiny = type(vae).__name__ == "AutoencoderTiny"
+        tiny = any(cls.__name__ == "AutoencoderTiny" for cls in type(vae).__mro__)
         if tiny != self.config.use_tae:
             p = self.config.PREFIX
             raise ValueError(f"{p}use_tae={self.config.use_tae} but vae is a {type(vae).__name__}: pass "
