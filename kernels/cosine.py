@@ -15,7 +15,8 @@ Gradient. With g_b the upstream gradient of loss_b, ∂loss/∂ĥ_t = −(g_b/N)
 and ∂/∂h is the adjoint resampling of ∂/∂h_t, computed as a gather over source tokens (interp.py).
 
 Data movement. The forward reads h and y once (the taps' re-reads hit L2) and writes only O(B·N) values:
-per-program partial sums of the loss and the three per-token scalars (s0, s1, s2). The backward reads
+the three per-token scalars (s0, s1, s2) and per-program partial sums of the loss, which the last program
+of each sample adds up in a fixed order (one launch, deterministic). The backward reads
 those scalars instead of reducing over D again, so it is one streaming pass: read h and y, write the
 gradient. The scalars travel from forward to backward through a small cache keyed by the inputs'
 storage and version (the op contract passes only h and y to the backward); when the entry is missing
@@ -42,17 +43,18 @@ SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _cosine_forward_kernel(
-    h_ptr, y_ptr, out_ptr, scal_ptr, part_ptr, count_ptr,
+    h_ptr, y_ptr, out_ptr, scal_ptr, count_ptr,
     n_tokens, dim, width_t, plane,
     h_rows, h_cols, h_scale_r, h_scale_c, h_sb, h_sn, h_sd,
     y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
     neg_inv_n,
     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    NUM_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks. The last
-    program to finish sums every program's partial loss, in a fixed order (deterministic): the loss
-    costs no second launch."""
+    """One program: BLOCK_T target tokens of sample b, over D in NUM_D chunks of BLOCK_D (unrolled, so
+    that the loads of several chunks are in flight together). The last program of sample b to finish
+    sums the sample's partial losses (plane 3 of the scalars) in a fixed order: deterministic, and the
+    loss costs no second launch."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -69,8 +71,8 @@ def _cosine_forward_kernel(
     b_hh = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_yy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_hy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
+    for k in tl.static_range(NUM_D):
+        offs = k * BLOCK_D + tl.arange(0, BLOCK_D)
         m = t_mask[:, None] & (offs < dim)[None, :]
         if H_IDENTITY:
             b_h = tl.load(h_base + t[:, None] * h_sn + (offs * h_sd)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -93,18 +95,18 @@ def _cosine_forward_kernel(
     tl.store(p_scal + plane, tl.where(norm_h > NORM_EPS, cos * r_h * r_h, 0.0), mask=t_mask)
     tl.store(p_scal + 2 * plane, tl.where(norm_y > NORM_EPS, cos * r_y * r_y, 0.0), mask=t_mask)
     programs = tl.num_programs(0)
-    tl.store(part_ptr + b * programs + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
+    p_part = scal_ptr + 3 * plane + b * programs
+    tl.store(p_part + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
     # Every thread's stores precede the (acq_rel, gpu-scope) ticket; the last ticket reads them all.
     tl.debug_barrier()
-    ticket = tl.atomic_add(count_ptr, 1)
-    if ticket == programs * tl.num_programs(1) - 1:
-        for s in range(0, tl.num_programs(1)):
-            acc = tl.zeros((BLOCK_P,), tl.float32)
-            for p0 in range(0, programs, BLOCK_P):
-                p = p0 + tl.arange(0, BLOCK_P)
-                acc += tl.load(part_ptr + s * programs + p, mask=p < programs, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + s, tl.sum(acc, 0))
-        tl.atomic_xchg(count_ptr, 0)  # ready for the next launch
+    ticket = tl.atomic_add(count_ptr + b, 1)
+    if ticket == programs - 1:
+        acc = tl.zeros((BLOCK_P,), tl.float32)
+        for p0 in range(0, programs, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            acc += tl.load(p_part + p, mask=p < programs, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + b, tl.sum(acc, 0))
+        tl.atomic_xchg(count_ptr + b, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -121,14 +123,16 @@ def _target_gradient(b_x, z_base, t, t_mask, m, s_base, own_offset, z_sn, offs_z
 @triton.jit
 def _cosine_backward_kernel(
     x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, start_r_ptr, start_c_ptr,
-    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, span_r, span_c,
+    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks,
     x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
     neg_inv_n,
-    X_IDENTITY: tl.constexpr, Z_IDENTITY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    X_IDENTITY: tl.constexpr, Z_IDENTITY: tl.constexpr, SPAN_R: tl.constexpr, SPAN_C: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: source row i of x (or, for an identity x, a flat run of tokens: x_rows = 1),
-    BLOCK_J source columns, BLOCK_D features; gathers from the targets that read each source token."""
+    BLOCK_J source columns, BLOCK_D features; gathers from the SPAN_R × SPAN_C targets that may read
+    each source token (unrolled: the loads of a row's targets are in flight together)."""
     pid = tl.program_id(0)
     jb = pid // d_blocks
     db = pid % d_blocks
@@ -153,12 +157,12 @@ def _cosine_backward_kernel(
         acc = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
         r_first = tl.load(start_r_ptr + i)
         c_first = tl.load(start_c_ptr + j, mask=j_mask, other=0)
-        for kr in range(span_r):
+        for kr in tl.static_range(SPAN_R):
             r = r_first + kr
             w_r = tap_weight(i, r, height_t, x_scale_r, x_rows)
             if w_r != 0.0:  # uniform over the program: rows that do not read row i cost nothing
                 xr0, xr1, lr = axis_taps(r, x_scale_r, x_rows)
-                for kc in range(span_c):
+                for kc in tl.static_range(SPAN_C):
                     c = c_first + kc
                     w_c = tap_weight(j, c, width_t, x_scale_c, x_cols)
                     valid = (w_c != 0.0) & j_mask
@@ -181,15 +185,15 @@ def _cosine_backward_kernel(
 # overhead is measurable on small inputs: see notes/cosine.md).
 
 def _forward_blocks(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 256."""
-    block_d = min(triton.next_power_of_2(dim), 256)
+    """(BLOCK_T, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 128 (measured: notes/cosine.md)."""
+    block_d = min(triton.next_power_of_2(dim), 128)
     return max(2048 // block_d, 1), block_d, 4
 
 
 def _backward_blocks(cols: int, dim: int) -> tuple[int, int, int]:
-    """(BLOCK_J, BLOCK_D, num_warps): up to 64 source columns by D chunks of up to 128."""
-    block_d = min(triton.next_power_of_2(dim), 128)
-    block_j = max(min(triton.next_power_of_2(cols), 4096 // block_d, 64), 1)
+    """(BLOCK_J, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 256 (measured: notes/cosine.md)."""
+    block_d = min(triton.next_power_of_2(dim), 256)
+    block_j = max(min(triton.next_power_of_2(cols), 2048 // block_d, 64), 1)
     return block_j, block_d, 4
 
 
@@ -201,22 +205,23 @@ def _axis(grid, target) -> tuple[int, int, float, float, bool]:
 
 @functools.lru_cache(maxsize=512)
 def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid):
-    """(launch grid, scalar-plane size, workspace size, runtime args after the pointers, constexprs)."""
+    """(launch grid, scalars shape, runtime args after the pointers, constexprs). The scalars tensor
+    has 4 planes of B·N: s0, s1, s2, then the programs' partial losses."""
     n_tokens = target_grid[0] * target_grid[1]
     block_t, block_d, warps = _forward_blocks(dim)
     programs = triton.cdiv(n_tokens, block_t)
     hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
-    plane = batch * n_tokens
-    args = (n_tokens, dim, target_grid[1], plane, hr, hc, hsr, hsc, yr, yc, ysr, ysc, -1.0 / n_tokens)
+    args = (n_tokens, dim, target_grid[1], batch * n_tokens, hr, hc, hsr, hsc, yr, yc, ysr, ysc, -1.0 / n_tokens)
     meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
-                BLOCK_P=min(triton.next_power_of_2(programs), 1024), num_warps=warps)
-    return (programs, batch), plane, 3 * plane + batch * programs, args, meta
+                NUM_D=triton.cdiv(dim, block_d), BLOCK_P=min(triton.next_power_of_2(programs), 1024),
+                num_warps=warps)
+    return (programs, batch), (4, batch, n_tokens), args, meta
 
 
 @functools.lru_cache(maxsize=512)
 def _backward_plan(batch: int, n_x: int, dim: int, x_grid, z_grid, target_grid, own_row: int):
-    """(launch grid, identity x, row/col span tables wanted, runtime args after the pointers, constexprs)."""
+    """(launch grid, runtime args after the pointers, constexprs)."""
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, x_id = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
@@ -227,21 +232,23 @@ def _backward_plan(batch: int, n_x: int, dim: int, x_grid, z_grid, target_grid, 
     block_j, block_d, warps = _backward_blocks(xc, dim)
     d_blocks = triton.cdiv(dim, block_d)
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
-            span_r, span_c, xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
-    meta = dict(X_IDENTITY=x_id, Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+            xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
+    meta = dict(X_IDENTITY=x_id, Z_IDENTITY=z_id, SPAN_R=span_r, SPAN_C=span_c, BLOCK_J=block_j,
+                BLOCK_D=block_d, num_warps=warps)
     return (triton.cdiv(xc, block_j) * d_blocks, xr, batch), args, meta
 
 
-# One ticket counter per device for the forward's last-program reduction; each launch leaves it at 0.
-# Launches that overlap on two streams of one device would share it: the ops run on the current stream.
+# Per-sample ticket counters of the forward's last-program reduction, one buffer per device; every
+# launch leaves them at 0. Launches that overlap on two streams of one device would share them: the
+# ops run on the current stream, one after the other.
 _COUNTERS: dict = {}
 
 
-def _counter(device: torch.device) -> torch.Tensor:
-    counter = _COUNTERS.get(device)
-    if counter is None:
-        counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+def _counters(device: torch.device, batch: int) -> torch.Tensor:
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < batch:
+        counters = _COUNTERS[device] = torch.zeros(max(batch, 256), dtype=torch.int32, device=device)
+    return counters
 
 
 def _check(name: str, x: torch.Tensor) -> None:
@@ -251,16 +258,16 @@ def _check(name: str, x: torch.Tensor) -> None:
 
 
 def _launch_forward(h, y, h_grid, y_grid, target_grid):
-    """Run the forward kernel: (losses (1, B) fp32, per-token scalars (3, B, N) fp32)."""
-    _check("h", h)
-    _check("y", y)
+    """Run the forward kernel: (losses (1, B) fp32, per-token scalars (4, B, N) fp32)."""
+    if h.dtype not in SUPPORTED or y.dtype not in SUPPORTED:
+        _check("h", h)
+        _check("y", y)
     batch = h.shape[0]
-    grid, plane, size, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid)
-    work = torch.empty(size, device=h.device, dtype=torch.float32)
+    grid, scal_shape, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid)
+    scal = torch.empty(scal_shape, device=h.device, dtype=torch.float32)
     out = torch.empty((1, batch), device=h.device, dtype=torch.float32)
-    scal = work[:3 * plane].view(3, batch, -1)
-    _cosine_forward_kernel[grid](h, y, out, scal, work[3 * plane:], _counter(h.device), *args[:4],
-                                 *args[4:8], *h.stride(), *args[8:12], *y.stride(), args[12], **meta)
+    _cosine_forward_kernel[grid](h, y, out, scal, _counters(h.device, batch), *args[:4], *args[4:8], *h.stride(),
+                                 *args[8:12], *y.stride(), args[12], **meta)
     return out, scal
 
 
@@ -301,8 +308,8 @@ def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
         start_r = adjoint_start_table(x_grid[0], target_grid[0], x.device)[0]
         start_c = adjoint_start_table(x_grid[1], target_grid[1], x.device)[0]
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
-    _cosine_backward_kernel[grid](x, z, out, scal, grad, start_r, start_c, *args[:13], *x.stride(),
-                                  *args[13:17], *z.stride(), args[17], **meta)
+    _cosine_backward_kernel[grid](x, z, out, scal, grad, start_r, start_c, *args[:11], *x.stride(),
+                                  *args[11:15], *z.stride(), args[15], **meta)
     return out
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif("triton" not in ops.available_backends("cuda" if
 # Beyond the odd cases: D = 77 with resampling on both sides, and D larger than one block of the
 # forward (256) and of the backward (128), so that both kernels tile over D.
 CASES = ODD_CASES + [(2, (5, 4), (3, 3), 77, "y"), (2, (3, 3), (4, 2), 300, "min")]
-LOW_PRECISION_CASES = [ODD_CASES[2], ODD_CASES[4], CASES[-2]]
+LOW_PRECISION_CASES = [ODD_CASES[2], ODD_CASES[5], CASES[-2]]
 
 
 def make(case, dtype=torch.float32, device="cpu", seed=0, y_dtype=None):
@@ -94,7 +94,7 @@ def test_backward_without_forward_recomputes():
     """The per-token scalars come from the forward when it ran on these inputs; else are recomputed."""
     from repa_fused.kernels import cosine
 
-    case = ODD_CASES[6]
+    case = ODD_CASES[3]
     h, y = make(case)
     grids = resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])
     grad = torch.randn(1, h.shape[0])
@@ -108,9 +108,9 @@ def test_backward_without_forward_recomputes():
 
 
 def test_deterministic():
-    case = ODD_CASES[4]
+    case = ODD_CASES[7]
     h, y = make(case)
-    weights = torch.tensor([1.0, 2.0])
+    weights = torch.tensor([1.5])
     first, second = run("triton", h, y, case, weights), run("triton", h, y, case, weights)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
@@ -122,7 +122,7 @@ def test_float64_is_refused():
 
 
 def test_opcheck():
-    case = ODD_CASES[3]
+    case = ODD_CASES[7]
     h, y = make(case)
     grids = [list(g) for g in resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])]
     op = ops.BACKENDS["triton"].ops["cosine"].custom_op
