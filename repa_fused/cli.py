@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a bar chart (PNG) to this path (needs matplotlib)")
     bench.add_argument("--markdown", action="store_true", help="print the table as markdown")
     bench.set_defaults(func=cmd_bench)
+    from .cache import add_cache_features_parser
+    add_cache_features_parser(sub)
     return parser
 
 
