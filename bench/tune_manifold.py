@@ -97,14 +97,14 @@ def kernel_split(case, results):
     grids = (case.h_grid, case.y_grid, case.target_grid)
     prep = M._prepare(h.detach(), y, *grids)
     b, n, d = prep.shape
-    coef = torch.rand(b, 2, device="cuda")
+    grad = torch.rand(2, b, device="cuda")
     out = torch.empty(b, n, d, device="cuda", dtype=h.dtype)
     stages = {
         "prepass": lambda: M._prepare(h.detach(), y, *grids),
         "tiled_fwd": lambda: M._tiled_loss(prep),
         "gram_fwd": lambda: M._gram_loss(prep),
-        "tiled_bwd": lambda: M._tiled_backward(prep, coef, out, None, True),
-        "gram_bwd": lambda: M._gram_backward(prep, coef, out, None, True),
+        "tiled_bwd": lambda: M._tiled_backward(prep, grad, out, None),
+        "gram_bwd": lambda: M._gram_backward(prep, grad, out, None),
     }
     if case.h_grid != case.target_grid:
         stages["adjoint"] = lambda: M._adjoint(out, h, case.h_grid, case.target_grid)
@@ -138,14 +138,14 @@ def sweep(case, results):
     grids = (case.h_grid, case.y_grid, case.target_grid)
     prep = M._prepare(h.detach(), y, *grids)
     b, n, d = prep.shape
-    coef = torch.rand(b, 2, device="cuda")
+    grad = torch.rand(2, b, device="cuda")
     out = torch.empty(b, n, d, device="cuda", dtype=h.dtype)
     default = M.CONFIG
     groups = [("panel", PANEL_CONFIGS, ("panel_block_m", "panel_block_n", "panel_block_k", "panel_warps",
-                                         "panel_stages"), lambda: M._tiled_backward(prep, coef, out, None, True),
+                                         "panel_stages"), lambda: M._tiled_backward(prep, grad, out, None),
                6 * b * n * n * d),
               ("prod", PROD_CONFIGS, ("prod_block_k", "prod_block_d", "prod_warps", "prod_stages"),
-               lambda: M._tiled_backward(prep, coef, out, None, True), 6 * b * n * n * d),
+               lambda: M._tiled_backward(prep, grad, out, None), 6 * b * n * n * d),
               ("vec", VEC_CONFIGS, ("vec_block_t", "vec_block_d", "vec_warps"),
                lambda: M._prepare(h.detach(), y, *grids), None)]
     for kernel, configs, fields, fn, work in groups:
@@ -192,23 +192,50 @@ def accuracy(results, grid=(64, 64), dim=1024, batch=2):
                    for blk in (gram_g[:, :dim, :dim], gram_g[:, dim:, dim:], gram_g[:, :dim, dim:])]
             gram = (fro[0] + fro[1] - 2 * fro[2]) / n**2
             del gram_g
-            coef = torch.zeros(batch, 2, device="cuda")
-            coef[:, 0] = 4.0 / n**2
+            grad = torch.ones(1, batch, device="cuda")
             row = {"shared": shared, "sigma": sigma, "ratio": ratio,
                    "loss_rel_err_tiled": ((tiled - loss64).abs() / loss64).max().item(),
                    "loss_rel_err_gram": ((gram - loss64).abs() / loss64).max().item()}
             for algorithm, fn in (("tiled", M._tiled_backward), ("gram", M._gram_backward)):
                 out = torch.empty(batch, n, dim, device="cuda", dtype=torch.float32)
-                fn(prep, coef, out, None, False)
+                fn(prep, grad, out, None)
                 row[f"grad_rel_err_{algorithm}"] = ((out.double() - grad64).norm() / grad64.norm()).item()
             results.append(row)
             print({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+
+def profile(case):
+    """Where a training step's time goes: device time per kernel, and the host's time per step."""
+    h, y = benchmarks.make_inputs(case, "cuda")
+    loss = benchmarks.backend_loss(case, "triton")
+
+    def step():
+        h.grad = None
+        loss(h, y).backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - t0) / 20 * 1e3
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 20 * 1e3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"{case.name}: host {host:.3f} ms/step (enqueue), wall {wall:.3f} ms/step")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--cases", default="sdxl_y,hires_manifold")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -218,13 +245,16 @@ def main():
     print(f"{report['gpu']} torch {torch.__version__} triton {triton.__version__}: bf16 matmul {rate:.0f} "
           "TFLOP/s", flush=True)
     cases = [benchmarks.CASES_BY_NAME[c] for c in args.cases.split(",")]
+    if args.profile:
+        for case in cases:
+            profile(case)
     for case in cases:
         kernel_split(case, report["split"])
         if args.sweep and case.name == "sdxl_y":  # the tiled kernels' case (hires_manifold takes Gram)
             sweep(case, report["sweep"])
     if args.accuracy:
         accuracy(report["accuracy"])
-    for case in cases:
+    for case in cases if not args.no_e2e else []:
         end_to_end(case, rate, report["e2e"])
     with open(os.path.join(args.out, "manifold_bench.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -16,7 +16,7 @@ every tile load (measured: notes/manifold.md). Two algorithms then give the same
   sums their squares (symmetry halves the work: 2·N²·D FLOPs). The backward cannot keep a row block's
   gradient in registers as flash attention does (it is BLOCK_M × D, D ≈ 1–2K), so it works in rounds:
   one kernel writes the row panels (BLOCK_M × N each) of S_h − S_y for as many (image, row block)
-  items as a fixed workspace holds (WORKSPACE: 32 MiB, whatever N is), a second multiplies each panel
+  items as a fixed workspace holds (64 MiB, whatever N is), a second multiplies each panel
   by Ĥ, one D chunk per program (6·N²·D FLOPs in all). The normaliser's radial term needs
   G_i·ĥ_i = (4g/N²) Σ_j (S_h − S_y)_ij (S_h)_ij − (g_cos/N) ĥ_i·ŷ_i, which the first kernel sums on
   the way, so the gradient leaves the second kernel projected and scaled, never stored unnormalised.
@@ -102,10 +102,10 @@ def _similarity_tiles(z_ptr, stride_n, rows, cols, n_tokens, dim,
 
 
 @triton.jit
-def _tiled_forward_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, stride_zb, stride_zn,
+def _tiled_forward_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb, stride_zn,
                           BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                           COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """partial[b, pair] = w·‖(S_h − S_y)[tile i, tile j]‖²_F over tile pairs i ≤ j (w = 2 off the diagonal).
+    """partial[b, pair] = scale·w·‖(S_h − S_y)[tile i, tile j]‖²_F, tile pairs i ≤ j (w = 2 off the diagonal).
 
     grid (pairs, B); pair = j(j+1)/2 + i. The (B, pairs) partials are summed on the host in a fixed order.
     """
@@ -122,7 +122,7 @@ def _tiled_forward_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, stride_zb,
                                      dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION)
     diff = acc_h - acc_y
     total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-    tl.store(partial_ptr + b * n_pairs + pair, tl.where(ti == tj, total, 2.0 * total))
+    tl.store(partial_ptr + b * n_pairs + pair, tl.where(ti == tj, scale, 2.0 * scale) * total)
 
 
 @triton.jit(do_not_specialize=["item0"])
@@ -154,9 +154,9 @@ def _panel_kernel(z_ptr, panel_ptr, radial_ptr, n_tokens, dim, row_tiles, item0,
 
 
 @triton.jit(do_not_specialize=["item0"])
-def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, coef_ptr, out_ptr, n_tokens, dim,
-                          row_tiles, col_tiles, width, item0, own, sign, stride_zb, stride_zn, stride_ob, stride_on,
-                          HAS_COS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, grad_ptr, out_ptr, n_tokens, dim,
+                          row_tiles, col_tiles, width, item0, own, sign, man_off, man_scale, cos_scale,
+                          stride_zb, stride_zn, stride_ob, stride_on, HAS_COS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     """Backward phase 2, grid (D chunks, items of this round): the panel (width = padded N) times X̂ = Ĥ (own = 0) or Ŷ
     (own = 1), leaving through the normaliser:
@@ -164,7 +164,8 @@ def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, coef_ptr, out
         G = sign·c_man·(panel @ X̂) − c_cos·other,   out = (G − (G·x̂) x̂)·rnorm,
         G·x̂ = sign·c_man·Σ radial[own] − c_cos·ĥ·ŷ   (no second pass over D).
 
-    coef (B, 2) = (4·g_man/N², g_cos/N); stats (B, 3, N) = (1/‖h‖, 1/‖y‖, ĥ·ŷ).
+    c_man = man_scale·grad[man_off + b] = 4·g_man/N², c_cos = cos_scale·grad[b] = g_cos/N (grad: the
+    op's (T, B) upstream gradient); stats (B, 3, N) = (1/‖h‖, 1/‖y‖, ĥ·ŷ).
     """
     d_chunk = tl.program_id(0)
     local = tl.program_id(1)
@@ -189,8 +190,8 @@ def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, coef_ptr, out
     p_radial = radial_ptr + (local * 2 + own) * col_tiles * BLOCK_M + r_local
     for t in range(col_tiles):
         radial += tl.load(p_radial + t * BLOCK_M)
-    c_man = sign * tl.load(coef_ptr + 2 * b)
-    c_cos = tl.load(coef_ptr + 2 * b + 1)
+    c_man = sign * man_scale * tl.load(grad_ptr + man_off + b)
+    c_cos = cos_scale * tl.load(grad_ptr + b)
     stats_b = stats_ptr + b.to(tl.int64) * 3 * n_tokens
     radial = c_man * radial
     m_rd = m_r[:, None] & m_d[None, :]
@@ -210,20 +211,22 @@ def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, coef_ptr, out
 
 
 @triton.jit
-def _unit_backward_kernel(g_ptr, g_lo_ptr, z_ptr, stats_ptr, coef_ptr, out_ptr, n_tokens, dim,
-                          stride_zb, stride_zn, stride_ob, stride_on, own_off, other_off, own_stat, sign,
+def _unit_backward_kernel(g_ptr, g_lo_ptr, z_ptr, stats_ptr, grad_ptr, out_ptr, n_tokens, dim, own, sign,
+                          man_off, man_scale, cos_scale, stride_zb, stride_zn, stride_ob, stride_on,
                           HAS_LO: tl.constexpr, HAS_COS: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Gram path: out = (G − (G·x̂) x̂)·rnorm, G = sign·c_man·(g + g_lo) − c_cos·other; g: (B, N, D) fp32.
 
-    Two passes over D: the radial dot needs the whole row first.
+    Two passes over D: the radial dot needs the whole row first. own, sign, c_man, c_cos as in
+    _panel_product_kernel.
     """
     b = tl.program_id(1)
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = toks < n_tokens
-    c_man = sign * tl.load(coef_ptr + 2 * b)
-    c_cos = tl.load(coef_ptr + 2 * b + 1)
+    c_man = sign * man_scale * tl.load(grad_ptr + man_off + b)
+    c_cos = cos_scale * tl.load(grad_ptr + b)
     z_b = z_ptr + b.to(tl.int64) * stride_zb
+    own_off = own * dim
     g_b = b.to(tl.int64) * n_tokens * dim
     radial = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for pass_ in tl.static_range(2):
@@ -236,14 +239,14 @@ def _unit_backward_kernel(g_ptr, g_lo_ptr, z_ptr, stats_ptr, coef_ptr, out_ptr, 
                 grad += tl.load(g_lo_ptr + g_b + offs, mask=m, other=0.0).to(tl.float32)
             grad *= c_man
             if HAS_COS:
-                grad -= c_cos * tl.load(z_b + toks[:, None] * stride_zn + other_off + ds[None, :], mask=m,
+                grad -= c_cos * tl.load(z_b + toks[:, None] * stride_zn + (dim - own_off) + ds[None, :], mask=m,
                                         other=0.0).to(tl.float32)
             b_own = tl.load(z_b + toks[:, None] * stride_zn + own_off + ds[None, :], mask=m,
                             other=0.0).to(tl.float32)
             if pass_ == 0:
                 radial += tl.sum(grad * b_own, axis=1)
             else:
-                rnorm = tl.load(stats_ptr + (b * 3 + own_stat) * n_tokens + toks, mask=m_t, other=0.0)
+                rnorm = tl.load(stats_ptr + (b * 3 + own) * n_tokens + toks, mask=m_t, other=0.0)
                 proj = tl.where(rnorm < 1.0 / 1e-12, radial, 0.0)
                 out = (grad - proj[:, None] * b_own) * rnorm[:, None]
                 tl.store(out_ptr + b.to(tl.int64) * stride_ob + toks[:, None] * stride_on + ds[None, :],
@@ -360,14 +363,15 @@ class _Config:
     panel_warps: int = 8
     panel_stages: int = 3
     prod_block_k: int = 64
-    prod_block_d: int = 128
+    prod_block_d: int = 256
     prod_warps: int = 8
     prod_stages: int = 3
-    vec_block_t: int = 16
-    vec_block_d: int = 128
+    vec_block_t: int = 4
+    vec_block_d: int = 512
     vec_warps: int = 4
-    # Backward workspace: row panels of S_h − S_y, processed in rounds that fit this many bytes.
-    workspace_bytes: int = 32 * 2**20
+    # Backward workspace: row panels of S_h − S_y, processed in rounds that fit this many bytes (one
+    # round for the SDXL case: each round costs two launches, and the step is launch-bound there).
+    workspace_bytes: int = 64 * 2**20
 
     @classmethod
     def current(cls, element_size: int = 2) -> "_Config":
@@ -427,7 +431,8 @@ def _prepare(h, y, h_grid, y_grid, target_grid) -> _Prepared:
     return _Prepared(z, stats)
 
 
-def _tiled_loss(prep: _Prepared) -> torch.Tensor:
+def _tiled_loss(prep: _Prepared, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B,) manifold loss by the tiled kernel, into ``out`` when given."""
     batch, n_tokens, dim = prep.shape
     cfg = _Config.current(prep.z.element_size())
     tiles = triton.cdiv(n_tokens, cfg.fwd_block)
@@ -435,10 +440,10 @@ def _tiled_loss(prep: _Prepared) -> torch.Tensor:
     # (B, pairs) with pairs ≈ N²/(2·BLOCK²): a few KB, summed in a fixed order (deterministic).
     partial = torch.empty(batch, pairs, dtype=torch.float32, device=prep.z.device)
     _tiled_forward_kernel[(pairs, batch)](
-        prep.z, partial, n_tokens, dim, pairs, prep.z.stride(0), prep.z.stride(1),
+        prep.z, partial, n_tokens, dim, pairs, 1.0 / n_tokens**2, prep.z.stride(0), prep.z.stride(1),
         BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         **prep.dot_args())
-    return partial.sum(1) / n_tokens**2
+    return torch.sum(partial, 1, out=out)
 
 
 def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -463,19 +468,25 @@ def _gram_loss(prep: _Prepared) -> Optional[torch.Tensor]:
     return (total / n_tokens**2).float()
 
 
-def manifold_values(prep: _Prepared, algorithm: Optional[str] = None) -> torch.Tensor:
-    """(B,) per-image manifold loss from the pre-pass, by ``algorithm`` (default: the cost model)."""
+def manifold_values(prep: _Prepared, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (B,) = the per-image manifold loss from the pre-pass, by the algorithm of the cost model."""
     _, n_tokens, dim = prep.shape
-    algorithm = algorithm or choose_algorithm(n_tokens, dim)
-    if algorithm == "gram":
+    if choose_algorithm(n_tokens, dim) == "gram":
         loss = _gram_loss(prep)
         if loss is not None:
-            return loss
-    return _tiled_loss(prep)
+            return out.copy_(loss)
+    return _tiled_loss(prep, out)
 
 
-def _tiled_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
-    """Row panels of S_h − S_y (BLOCK_M × N each) for as many (image, row tile) items as the workspace
+def _grad_args(grad: torch.Tensor, n_tokens: int) -> dict:
+    """Kernel arguments for the op's upstream gradient (T, B) fp32: the manifold row is the last, the
+    cosine row (urepa) the first; the kernels read both per image, so no coefficient tensor is built."""
+    return {"grad_ptr": grad, "man_off": (grad.shape[0] - 1) * grad.shape[1],
+            "man_scale": 4.0 / n_tokens**2, "cos_scale": 1.0 / n_tokens, "HAS_COS": grad.shape[0] == 2}
+
+
+def _tiled_backward(prep: _Prepared, grad, out_h, out_y) -> None:
+    """Row panels of S_h − S_y (BLOCK_M × N each) for as many (image, row block) items as the workspace
     holds, then their products with Ĥ (and Ŷ); repeated until every row is done."""
     batch, n_tokens, dim = prep.shape
     z = prep.z
@@ -490,6 +501,7 @@ def _tiled_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
     panel = torch.empty(group, block_m, width, dtype=z.dtype, device=z.device)
     radial = torch.empty(group, 2, col_tiles, block_m, dtype=torch.float32, device=z.device)
     dot_args = prep.dot_args()
+    grad_args = _grad_args(grad, n_tokens)
     for item0 in range(0, items, group):
         count = min(group, items - item0)
         _panel_kernel[(col_tiles, count)](
@@ -500,36 +512,37 @@ def _tiled_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
             if out is None:
                 continue
             _panel_product_kernel[(triton.cdiv(dim, cfg.prod_block_d), count)](
-                panel, radial, z, prep.stats, coef, out, n_tokens, dim, row_tiles, col_tiles, width, item0,
-                own, sign, z.stride(0), z.stride(1), out.stride(0), out.stride(1), HAS_COS=has_cos,
-                BLOCK_M=block_m, BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d,
-                num_warps=cfg.prod_warps, num_stages=cfg.prod_stages, **dot_args)
+                panel, radial, z, prep.stats, out_ptr=out, n_tokens=n_tokens, dim=dim, row_tiles=row_tiles,
+                col_tiles=col_tiles, width=width, item0=item0, own=own, sign=sign, stride_zb=z.stride(0),
+                stride_zn=z.stride(1), stride_ob=out.stride(0), stride_on=out.stride(1), BLOCK_M=block_m,
+                BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, num_warps=cfg.prod_warps,
+                num_stages=cfg.prod_stages, **grad_args, **dot_args)
 
 
-def _gram_backward(prep: _Prepared, coef, out_h, out_y, has_cos: bool) -> None:
+def _gram_backward(prep: _Prepared, grad, out_h, out_y) -> None:
     """G_x = ±(S_h − S_y)X̂ = ±Z·[ĤᵀX̂; −ŶᵀX̂], the D×D products in fp32 and multiplied back as a bf16
     hi + lo pair (one bf16 rounding of them would be amplified by the cancellation)."""
     batch, n_tokens, dim = prep.shape
     cfg = _Config.current()
     z = prep.z
-    for out, own_off, sign in ((out_h, 0, 1.0), (out_y, dim, -1.0)):
+    for out, own, sign in ((out_h, 0, 1.0), (out_y, 1, -1.0)):
         if out is None:
             continue
-        products = _bmm_f32(z.mT, z[:, :, own_off:own_off + dim])
+        products = _bmm_f32(z.mT, z[:, :, own * dim:(own + 1) * dim])
         products[:, dim:].neg_()
         if z.dtype == torch.float32:
-            grad, grad_lo = torch.bmm(z, products), None
+            g, g_lo = torch.bmm(z, products), None
         else:
             hi = products.to(z.dtype)
-            grad = _bmm_f32(z, hi)
-            grad_lo = torch.bmm(z, products.sub_(hi).to(z.dtype))
+            g = _bmm_f32(z, hi)
+            g_lo = torch.bmm(z, products.sub_(hi).to(z.dtype))
             del hi
         del products
         _unit_backward_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), batch)](
-            grad, grad_lo if grad_lo is not None else grad, z, prep.stats, coef, out, n_tokens, dim,
-            z.stride(0), z.stride(1), out.stride(0), out.stride(1), own_off, dim - own_off, own_off // dim,
-            sign, HAS_LO=grad_lo is not None, HAS_COS=has_cos, BLOCK_T=cfg.vec_block_t,
-            BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+            g, g_lo if g_lo is not None else g, z, prep.stats, out_ptr=out, n_tokens=n_tokens, dim=dim,
+            own=own, sign=sign, stride_zb=z.stride(0), stride_zn=z.stride(1), stride_ob=out.stride(0),
+            stride_on=out.stride(1), HAS_LO=g_lo is not None, BLOCK_T=cfg.vec_block_t,
+            BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps, **_grad_args(grad, n_tokens))
 
 
 def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
@@ -555,19 +568,17 @@ def _target_buffer(x: torch.Tensor, grid, target_grid) -> torch.Tensor:
                        device=x.device)
 
 
-def _backward(grad_cos, grad_man, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+def _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+    """grad: the op's (T, B) upstream gradient (urepa: cosine row, then manifold row)."""
     prep = _prepare(h, y, h_grid, y_grid, target_grid)
-    batch, n_tokens, dim = prep.shape
-    coef = torch.zeros(batch, 2, dtype=torch.float32, device=h.device)
-    coef[:, 0] = grad_man.float() * (4.0 / n_tokens**2)
-    if grad_cos is not None:
-        coef[:, 1] = grad_cos.float() / n_tokens
+    _, n_tokens, dim = prep.shape
+    grad = grad.float().contiguous()
     out_h = _target_buffer(h, h_grid, target_grid) if needs_h else None
     out_y = _target_buffer(y, y_grid, target_grid) if needs_y else None
     if choose_algorithm(n_tokens, dim, backward=True) == "gram":
-        _gram_backward(prep, coef, out_h, out_y, grad_cos is not None)
+        _gram_backward(prep, grad, out_h, out_y)
     else:
-        _tiled_backward(prep, coef, out_h, out_y, grad_cos is not None)
+        _tiled_backward(prep, grad, out_h, out_y)
     del prep  # Z and the scratch go before the resampled gradients are allocated (peak memory)
     if needs_h and tuple(h_grid) != tuple(target_grid):
         out_h = _adjoint(out_h, h, h_grid, target_grid)
@@ -589,14 +600,16 @@ def manifold_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
     """(1, B) fp32: (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² per image. h: (B, N_h, D), y: (B, N_y, D)."""
     if _float64(h, y):
         return reference.LOSSES["manifold"](h, y, h_grid, y_grid, target_grid)
-    return manifold_values(_prepare(h, y, h_grid, y_grid, target_grid)).unsqueeze(0)
+    out = torch.empty(1, h.shape[0], dtype=torch.float32, device=h.device)
+    manifold_values(_prepare(h, y, h_grid, y_grid, target_grid), out[0])
+    return out
 
 
 def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b], in the inputs' dtypes and shapes."""
     if _float64(h, y):
         return reference.loss_gradients("manifold", grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
-    return _backward(None, grad[0], h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+    return _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
 
 
 def urepa_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
@@ -604,12 +617,14 @@ def urepa_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
     if _float64(h, y):
         return reference.LOSSES["urepa"](h, y, h_grid, y_grid, target_grid)
     prep = _prepare(h, y, h_grid, y_grid, target_grid)
-    alignment = -prep.stats[:, 2].sum(1) / prep.shape[1]
-    return torch.stack((alignment, manifold_values(prep)))
+    out = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
+    torch.sum(prep.stats[:, 2], 1, out=out[0]).mul_(-1.0 / prep.shape[1])
+    manifold_values(prep, out[1])
+    return out
 
 
 def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b]."""
     if _float64(h, y):
         return reference.loss_gradients("urepa", grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
-    return _backward(grad[0], grad[1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+    return _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
