@@ -484,3 +484,34 @@ def test_accelerate_checkpointing_resumes_the_schedule(tmp_path):
     assert reg.state_dict() != saved
     accelerator.load_state(str(tmp_path / "ckpt"))
     assert reg.state_dict() == saved
+
+
+def test_real_feature_cache_gives_the_live_loss(tmp_path, dinov2_dir):
+    import numpy as np
+    from PIL import Image
+
+    from repa_fused.cache import cache_features, load_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / name)
+    cache_features(images, tmp_path / "cache", dinov2_dir, 28, dtype="fp32", device="cpu", progress=False,
+                   num_workers=0, log=lambda message: None)
+    cfg = {**REPA, "crepa_model": dinov2_dir, "crepa_encoder_image_size": 28}
+    tiny = TINY_DIT["dit"]()
+    live = build_regularizer(cfg, tiny.model)
+    batch = torch.stack([load_image(images / n) for n in ("a.png", "b.png")]).float() / 127.5 - 1
+    forward(tiny)
+    live_loss, _ = live.loss(step=0, pixels=batch)
+    live.remove()
+    cached = build_regularizer({**cfg, "crepa_feature_cache": str(tmp_path / "cache")}, tiny.model)
+    cached.projector.load_state_dict(live.projector.state_dict())
+    forward(tiny)
+    cached_loss, _ = cached.loss(step=0, keys=["a.png", "b.png"])
+    assert cached.encoder is None
+    torch.testing.assert_close(cached_loss, live_loss, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="image size 28"):
+        build_regularizer({**cfg, "crepa_encoder_image_size": 56, "crepa_feature_cache": str(tmp_path / "cache")},
+                          TINY_DIT["dit"]().model)
