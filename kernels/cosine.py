@@ -28,6 +28,7 @@ Everything is a gather: each output element is written once, deterministic, no a
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from typing import Optional
 
@@ -49,10 +50,10 @@ def _cosine_forward_kernel(
     y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
     neg_inv_n,
     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """One program: BLOCK_T target tokens of sample b, over D in NUM_D chunks of BLOCK_D (unrolled, so
-    that the loads of several chunks are in flight together). The last program of sample b to finish
+    """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks. The last
+    program of sample b to finish
     sums the sample's partial losses (plane 3 of the scalars) in a fixed order: deterministic, and the
     loss costs no second launch."""
     pid = tl.program_id(0)
@@ -71,8 +72,8 @@ def _cosine_forward_kernel(
     b_hh = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_yy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_hy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    for k in tl.static_range(NUM_D):
-        offs = k * BLOCK_D + tl.arange(0, BLOCK_D)
+    for d0 in range(0, dim, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
         m = t_mask[:, None] & (offs < dim)[None, :]
         if H_IDENTITY:
             b_h = tl.load(h_base + t[:, None] * h_sn + (offs * h_sd)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -123,16 +124,15 @@ def _target_gradient(b_x, z_base, t, t_mask, m, s_base, own_offset, z_sn, offs_z
 @triton.jit
 def _cosine_backward_kernel(
     x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, start_r_ptr, start_c_ptr,
-    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks,
+    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, span_r, span_c,
     x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
     neg_inv_n,
-    X_IDENTITY: tl.constexpr, Z_IDENTITY: tl.constexpr, SPAN_R: tl.constexpr, SPAN_C: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    X_IDENTITY: tl.constexpr, Z_IDENTITY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: source row i of x (or, for an identity x, a flat run of tokens: x_rows = 1),
-    BLOCK_J source columns, BLOCK_D features; gathers from the SPAN_R × SPAN_C targets that may read
-    each source token (unrolled: the loads of a row's targets are in flight together)."""
+    BLOCK_J source columns, BLOCK_D features; gathers from the span_r × span_c targets that may read
+    each source token."""
     pid = tl.program_id(0)
     jb = pid // d_blocks
     db = pid % d_blocks
@@ -157,12 +157,12 @@ def _cosine_backward_kernel(
         acc = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
         r_first = tl.load(start_r_ptr + i)
         c_first = tl.load(start_c_ptr + j, mask=j_mask, other=0)
-        for kr in tl.static_range(SPAN_R):
+        for kr in range(span_r):
             r = r_first + kr
             w_r = tap_weight(i, r, height_t, x_scale_r, x_rows)
             if w_r != 0.0:  # uniform over the program: rows that do not read row i cost nothing
                 xr0, xr1, lr = axis_taps(r, x_scale_r, x_rows)
-                for kc in tl.static_range(SPAN_C):
+                for kc in range(span_c):
                     c = c_first + kc
                     w_c = tap_weight(j, c, width_t, x_scale_c, x_cols)
                     valid = (w_c != 0.0) & j_mask
@@ -184,16 +184,20 @@ def _cosine_backward_kernel(
 # Host side. Everything that depends only on shapes is computed once per shape (the eager per-call
 # overhead is measurable on small inputs: see notes/cosine.md).
 
+# Under the interpreter a program costs far more than its size: larger tiles, fewer programs.
+_TILE = 8192 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 2048
+
+
 def _forward_blocks(dim: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 128 (measured: notes/cosine.md)."""
     block_d = min(triton.next_power_of_2(dim), 128)
-    return max(2048 // block_d, 1), block_d, 4
+    return max(_TILE // block_d, 1), block_d, 4
 
 
 def _backward_blocks(cols: int, dim: int) -> tuple[int, int, int]:
     """(BLOCK_J, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 256 (measured: notes/cosine.md)."""
     block_d = min(triton.next_power_of_2(dim), 256)
-    block_j = max(min(triton.next_power_of_2(cols), 2048 // block_d, 64), 1)
+    block_j = max(min(triton.next_power_of_2(cols), _TILE // block_d, 64), 1)
     return block_j, block_d, 4
 
 
@@ -214,7 +218,7 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid):
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
     args = (n_tokens, dim, target_grid[1], batch * n_tokens, hr, hc, hsr, hsc, yr, yc, ysr, ysc, -1.0 / n_tokens)
     meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
-                NUM_D=triton.cdiv(dim, block_d), BLOCK_P=min(triton.next_power_of_2(programs), 1024),
+                BLOCK_P=min(triton.next_power_of_2(programs), 1024),
                 num_warps=warps)
     return (programs, batch), (4, batch, n_tokens), args, meta
 
@@ -232,9 +236,8 @@ def _backward_plan(batch: int, n_x: int, dim: int, x_grid, z_grid, target_grid, 
     block_j, block_d, warps = _backward_blocks(xc, dim)
     d_blocks = triton.cdiv(dim, block_d)
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
-            xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
-    meta = dict(X_IDENTITY=x_id, Z_IDENTITY=z_id, SPAN_R=span_r, SPAN_C=span_c, BLOCK_J=block_j,
-                BLOCK_D=block_d, num_warps=warps)
+            span_r, span_c, xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
+    meta = dict(X_IDENTITY=x_id, Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
     return (triton.cdiv(xc, block_j) * d_blocks, xr, batch), args, meta
 
 
@@ -308,8 +311,8 @@ def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
         start_r = adjoint_start_table(x_grid[0], target_grid[0], x.device)[0]
         start_c = adjoint_start_table(x_grid[1], target_grid[1], x.device)[0]
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
-    _cosine_backward_kernel[grid](x, z, out, scal, grad, start_r, start_c, *args[:11], *x.stride(),
-                                  *args[11:15], *z.stride(), args[15], **meta)
+    _cosine_backward_kernel[grid](x, z, out, scal, grad, start_r, start_c, *args[:13], *x.stride(),
+                                  *args[13:17], *z.stride(), args[17], **meta)
     return out
 
 
