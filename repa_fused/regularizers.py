@@ -159,9 +159,7 @@ class AlignmentRegularizer:
     def _features(self, tokens, pixels, latents, vae, features, features_grid, keys) -> tuple[torch.Tensor, Grid]:
         batch, device = tokens.shape[0], tokens.device
         if keys is not None:
-            if isinstance(keys, (str, bytes)):
-                raise TypeError("keys must be a sequence of cache keys, one per sample, not a single string")
-            y, y_grid = self.feature_cache.get(list(keys), device=device)
+            y, y_grid = self.feature_cache.get(keys, device=device)
             source = "keys"
         elif features is not None:
             if not isinstance(features, torch.Tensor) or features.dim() != 3:
