@@ -83,8 +83,8 @@ class FeatureCache:
     """A feature cache written by ``repa-fused cache-features`` (see the module docstring).
 
     ``get(keys, device=None) -> (tokens (B, N, D), grid (H, W))`` in the cache's dtype; ``len(cache)``;
-    ``key in cache``; ``keys()``; ``grid(key)``; ``metadata`` (a dict: ``encoder``, ``image_size``, ``dtype``,
-    ``preprocessing``, ``hidden_size``, ``patch_size``, ``image_loading``, ``version``). At most
+    ``key in cache``; ``keys()``; ``grid(key)``; ``close()``; ``metadata`` (a dict: ``encoder``, ``image_size``,
+    ``dtype``, ``preprocessing``, ``hidden_size``, ``patch_size``, ``image_loading``, ``version``). At most
     ``max_open_shards`` shard files stay memory-mapped at once (least recently used closed first).
     """
 
@@ -189,6 +189,10 @@ class FeatureCache:
             self._open.popitem(last=False)
         return handle, file
 
+    def close(self) -> None:
+        """Unmap every open shard (the next ``get`` reopens what it needs)."""
+        self._open.clear()
+
     def __getstate__(self):
         # Memory maps do not pickle (DataLoader workers, spawn): a copy reopens shards on first use.
         return {**self.__dict__, "_open": OrderedDict()}
@@ -210,7 +214,8 @@ def _read_index(path: str) -> Optional[dict]:
     except (OSError, ValueError) as exc:
         raise CacheError(f"feature cache index {file} is unreadable ({exc}); delete it and rerun "
                          "`repa-fused cache-features`: it rebuilds the index from the shards") from exc
-    if not isinstance(index, dict) or index.get("format") != FORMAT or not {"metadata", "shards", "entries"} <= set(index):
+    fields = {"metadata", "shards", "entries"}
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not fields <= set(index):
         raise CacheError(f"feature cache index {file} is not a format-{FORMAT} repa_fused index; delete it and rerun "
                          "`repa-fused cache-features`: it rebuilds the index from the shards")
     return index
@@ -254,11 +259,13 @@ class CacheSummary:
     encoded: int               # encoded by this run
     skipped: list = field(default_factory=list)  # (key, reason) of unreadable images
     entries: int = 0           # keys in the cache after the run
-    seconds: float = 0.0
+    seconds: float = 0.0       # the whole run, the encoder's load included
+    encode_seconds: float = 0.0  # reading, encoding and writing (the slowest rank)
     rank: int = 0
 
     def format(self) -> str:
-        rate = f" ({self.encoded / self.seconds:.1f} img/s)" if self.encoded and self.seconds > 0 else ""
+        busy = self.encoded and self.encode_seconds > 0
+        rate = f" ({self.encoded / self.encode_seconds:.1f} img/s encoding)" if busy else ""
         lines = [f"repa-fused cache-features: {self.found} images found, {self.already_cached} already cached, "
                  f"{self.encoded} encoded, {len(self.skipped)} skipped in {self.seconds:.1f} s{rate} -> "
                  f"{self.path} ({self.entries} keys)"]
@@ -309,17 +316,20 @@ def cache_features(images_dir: Union[str, os.PathLike], out: Union[str, os.PathL
         mine = plan["pending"][group.rank::group.world]
         if num_workers is None:
             num_workers = min(4, max(0, (os.cpu_count() or 1) // group.world - 1))
+        encode_start = time.perf_counter()
         encoded, skipped = _encode(enc, device, images_dir, mine, out, meta, batch_size=batch_size,
                                    shard_size=shard_size, num_workers=num_workers, progress=progress,
                                    rank=group.rank, world=group.world, log=log)
-        done = group.gather((encoded, skipped))  # also the barrier: every rank's shards are on disk
+        # Also the barrier: once every rank has contributed, every rank's shards are on disk.
+        done = group.gather((encoded, skipped, time.perf_counter() - encode_start))
         entries = len(_sync_index(out, meta, log)["entries"]) if group.rank == 0 else None
         entries = group.broadcast(entries)
     finally:
         group.close()
     return CacheSummary(path=out, found=plan["found"], already_cached=plan["found"] - len(plan["pending"]),
-                        encoded=sum(e for e, _ in done), skipped=sorted(s for _, ss in done for s in ss),
-                        entries=entries, seconds=time.perf_counter() - start, rank=group.rank)
+                        encoded=sum(d[0] for d in done), skipped=sorted(s for d in done for s in d[1]),
+                        entries=entries, seconds=time.perf_counter() - start,
+                        encode_seconds=max(d[2] for d in done), rank=group.rank)
 
 
 def _metadata(enc) -> dict:

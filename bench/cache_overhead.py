@@ -1,0 +1,346 @@
+"""Per-step cost of U-REPA's target features: feature cache vs live VAE decode + encode vs TAE decode + encode.
+
+    python bench/cache_overhead.py                       # GPU: SDXL-sized random models, batch 4 at 1024 px
+    python bench/cache_overhead.py --tiny                # CPU smoke run of the same code on tiny models
+
+Random weights (cost is what matters) in bf16: UNet2DConditionModel with SDXL's config, AutoencoderKL with
+SDXL's VAE config, AutoencoderTiny (TAESDXL's config), Dinov2 with dinov2-giant's config at 518 px. The
+encoder is saved to a temporary folder and a folder of random 1024 px JPEGs is cached with the real
+``cache_features`` (its throughput is reported too), so the cached path is the one a user runs.
+
+Timed (CUDA events; median of --reps after --warmup):
+- steps: the UNet's forward + MSE + backward alone ("unet step"), then with a U-REPA regularizer attached whose
+  ``reg.loss`` reads the cache (keys=), decodes the clean latents with the VAE or the TAE and runs the encoder
+  (latents=, vae=). Overhead = step − unet step, in ms and % of the unet step; peak memory per step.
+- components, one at a time: the VAE / TAE decode, the encoder forward, ``cache.get`` with a warm page cache
+  and with the shards evicted from it (posix_fadvise DONTNEED), the projector + U-REPA loss forward+backward.
+
+Writes ``<out-dir>/cache_overhead_<gpu>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import repa_fused as rf
+from repa_fused.cache import FeatureCache, cache_features
+from repa_fused.decode import decode_latents
+from repa_fused.encoders import load_encoder
+from repa_fused.regularizers import build_projector
+
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+SDXL_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+TAESDXL = dict()  # AutoencoderTiny's defaults are TAESD/TAESDXL's architecture
+DINOV2_GIANT = dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
+                    use_swiglu_ffn=True, patch_size=14, image_size=518, layerscale_value=1.0)
+TEXT = dict(tokens=77, width=2048, pooled=1280)
+
+# The same code path on models small enough for a CPU.
+TINY = dict(
+    unet=dict(sample_size=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), transformer_layers_per_block=(1, 1),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, cross_attention_dim=16,
+              addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32,
+              in_channels=4, out_channels=4),
+    vae=dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32),
+    tae=dict(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+             num_decoder_blocks=(1, 1), latent_channels=4),
+    dinov2=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, patch_size=7,
+                image_size=28),
+    text=dict(tokens=5, width=16, pooled=8), resolution=32, encoder_size=28, vae_factor=2)
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; other names lower-cased with '_' for anything not alphanumeric."""
+    match = re.search(r"\b([A-Z]\d{2,3}[A-Z]?)\b", name)
+    if match and name.startswith("NVIDIA"):
+        return match.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+class Timer:
+    """Median / min / max milliseconds of ``fn()`` over ``reps`` after ``warmup`` calls; ``before()`` runs
+    untimed ahead of each call. CUDA events on a GPU, the host clock on a CPU."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device, self.reps, self.warmup = device, reps, warmup
+
+    def __call__(self, fn, before=lambda: None, reps=None) -> dict:
+        cuda = self.device.type == "cuda"
+        for _ in range(self.warmup):
+            before()
+            fn()
+        times = []
+        for _ in range(reps or self.reps):
+            before()
+            if cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
+
+
+def write_images(folder: str, count: int, size: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        # Smooth random colour fields (a coarse grid upsampled): JPEG sizes and decode times of a photo, not noise.
+        coarse = rng.integers(0, 256, (size // 32, size // 32, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(f"{folder}/{i:05d}.jpg", quality=90)
+
+
+def evict(cache_dir: str) -> None:
+    """Drop the shards from the page cache (clean pages; no root needed) so the next read comes from disk."""
+    for name in os.listdir(cache_dir):
+        if name.endswith(".safetensors"):
+            fd = os.open(os.path.join(cache_dir, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke run of this script")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=1024, help="image side (latents: /8)")
+    parser.add_argument("--encoder-size", type=int, default=518)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cache-images", type=int, default=64, help="images cached for the throughput figure")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import Dinov2Config, Dinov2Model
+
+    tiny = TINY if args.tiny else None
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    resolution = tiny["resolution"] if tiny else args.resolution
+    enc_size = tiny["encoder_size"] if tiny else args.encoder_size
+    vae_factor = tiny["vae_factor"] if tiny else 8
+    text = tiny["text"] if tiny else TEXT
+    batch = args.batch
+    timer = Timer(device, args.reps, args.warmup)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    work = tempfile.mkdtemp(prefix="cache_overhead_")
+    torch.manual_seed(0)
+
+    log("building random models")
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(tiny["unet"] if tiny else SDXL_UNET)).to(dtype).train()
+        vae = AutoencoderKL(**(tiny["vae"] if tiny else SDXL_VAE)).to(dtype).eval().requires_grad_(False)
+        tae = AutoencoderTiny(**(tiny["tae"] if tiny else TAESDXL)).to(dtype).eval().requires_grad_(False)
+        dinov2 = Dinov2Model(Dinov2Config(**(tiny["dinov2"] if tiny else DINOV2_GIANT))).to(dtype)
+    enc_dir = os.path.join(work, "dinov2")
+    dinov2.save_pretrained(enc_dir)
+    del dinov2
+    encoder = load_encoder(enc_dir, enc_size, device=device, dtype=dtype)
+
+    log("caching random images with repa-fused cache-features")
+    images = os.path.join(work, "images")
+    write_images(images, max(args.cache_images, batch), resolution)
+    build = dict(batch_size=32, dtype="bf16" if dtype == torch.bfloat16 else "fp32", device=device,
+                 progress=False, log=log, num_workers=0 if args.tiny else 8)
+    summary = cache_features(images, os.path.join(work, "cache"), enc_dir, enc_size, **build)
+    cache_dir = summary.path
+    cache = FeatureCache(cache_dir)
+    keys = cache.keys()[:batch]
+    shard_bytes = sum(os.path.getsize(os.path.join(cache_dir, n)) for n in os.listdir(cache_dir)
+                      if n.endswith(".safetensors"))
+
+    latent = resolution // vae_factor
+    g = torch.Generator(device).manual_seed(1)
+    latents = torch.randn(batch, 4, latent, latent, device=device, generator=g, dtype=dtype)
+    noise = torch.randn(latents.shape, device=device, generator=g, dtype=dtype)
+    cond = dict(timestep=torch.full((batch,), 500, device=device),
+                encoder_hidden_states=torch.randn(batch, text["tokens"], text["width"], device=device, generator=g,
+                                                  dtype=dtype),
+                added_cond_kwargs={"text_embeds": torch.randn(batch, text["pooled"], device=device, generator=g,
+                                                              dtype=dtype),
+                                   "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                                            device=device, dtype=dtype).repeat(batch, 1)},
+                return_dict=False)
+    noisy = latents + noise
+
+    def zero_grad():
+        unet.zero_grad(set_to_none=True)
+
+    def step(reg=None, **source):
+        pred = unet(noisy, **cond)[0]
+        loss = F.mse_loss(pred.float(), noise.float())
+        if reg is not None:
+            loss = loss + reg.loss(step=0, **source)[0]
+        loss.backward()
+
+    def peak_gib(fn) -> float:
+        if device.type != "cuda":
+            return float("nan")
+        zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**30
+
+    config = {"urepa_enabled": True, "urepa_model": enc_dir, "urepa_encoder_image_size": enc_size}
+    variants = [
+        ("unet step", None, None, {}),
+        ("+ U-REPA, cached features", {**config, "urepa_feature_cache": cache_dir}, None, {"keys": keys}),
+        ("+ U-REPA, TAE decode + encode", {**config, "urepa_use_tae": True}, encoder, {"latents": latents, "vae": tae}),
+        ("+ U-REPA, VAE decode + encode", config, encoder, {"latents": latents, "vae": vae}),
+    ]
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}",
+           "torch": torch.__version__, "repa_fused": rf.__version__, "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import diffusers
+        import transformers
+
+        env.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    steps, parts = [], []
+    report = {
+        "environment": env,
+        "setup": {"batch": batch, "resolution": resolution, "latent": latent, "encoder_size": enc_size,
+                  "dtype": str(dtype).replace("torch.", ""), "tiny": bool(args.tiny)},
+        "cache_build": {"images": summary.encoded, "seconds": summary.seconds,
+                        "encode_seconds": summary.encode_seconds,
+                        "images_per_second": summary.encoded / summary.encode_seconds,
+                        "bytes_per_image": shard_bytes / max(summary.encoded, 1)},
+        "steps": steps,
+        "components": parts,
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"cache_overhead_{gpu_slug(env['device'])}.json")
+
+    def save():  # after each phase: a run cut short still leaves what it measured
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+    for name, cfg, enc, source in variants:
+        log(f"timing {name}")
+        reg = rf.build_regularizer(cfg, unet, encoder=enc) if cfg is not None else None
+        if reg is not None and "keys" in source:
+            assert reg.encoder is None, "the cached path must not load the encoder"
+        try:
+            row = {"variant": name, **timer(lambda: step(reg, **source), before=zero_grad),
+                   "peak_gib": peak_gib(lambda: step(reg, **source))}
+        except torch.OutOfMemoryError as exc:
+            row = {"variant": name, "error": f"out of memory: {exc}".splitlines()[0]}
+        finally:
+            if reg is not None:
+                reg.remove()
+            zero_grad()
+        steps.append(row)
+    base = steps[0]["median_ms"]
+    for row in steps[1:]:
+        if "median_ms" in row:
+            row["overhead_ms"] = row["median_ms"] - base
+            row["overhead_pct"] = 100 * row["overhead_ms"] / base
+    save()
+
+    log("timing components")
+    pixels = decode_latents(latents, vae)
+    y, y_grid = encoder(pixels)
+    mid = unet.config.block_out_channels[-1]
+    side = latent // 2 ** (len(unet.config.block_out_channels) - 1)  # the mid block's grid
+    h_grid = (side, side)
+    projector = build_projector("linear", mid, y.shape[-1]).to(device)
+    h_in = torch.randn(batch, h_grid[0] * h_grid[1], mid, device=device, dtype=dtype, requires_grad=True)
+
+    def loss_fwd_bwd():
+        total = rf.urepa_loss(projector(h_in.float()), y, h_grid=h_grid, y_grid=y_grid)[0]
+        total.backward()
+
+    cold_state = {}
+
+    def cold_before():
+        cache.close()  # mapped pages are not evicted: unmap the shards first
+        cold_state.pop("cache", None)
+        evict(cache_dir)
+        cold_state["cache"] = FeatureCache(cache_dir)
+
+    components = [
+        ("VAE decode (AutoencoderKL)", lambda: decode_latents(latents, vae), None),
+        ("TAE decode (AutoencoderTiny)", lambda: decode_latents(latents, tae), None),
+        ("encoder forward (DINOv2-g)", lambda: encoder(pixels), None),
+        ("cache.get, warm page cache", lambda: cache.get(keys, device=device), None),
+        ("cache.get, shards evicted", lambda: cold_state["cache"].get(keys, device=device), cold_before),
+        ("projector + U-REPA loss fwd+bwd", loss_fwd_bwd, None),
+    ]
+    for name, fn, before in components:
+        log(f"timing {name}")
+        parts.append({"component": name, **timer(fn, before=before or (lambda: None),
+                                                 reps=None if "cache" not in name else 4 * args.reps)})
+
+    report["setup"].update(unet_mid_grid=list(h_grid), encoder_grid=list(y_grid), encoder_width=y.shape[-1])
+    save()
+    log(f"wrote {path}")
+    print(format_table(report))
+    return 0
+
+
+def format_table(report: dict) -> str:
+    env, setup = report["environment"], report["setup"]
+    lines = [f"{env['device']} | torch {env['torch']} | {setup['dtype']} | batch {setup['batch']} at "
+             f"{setup['resolution']} px, encoder at {setup['encoder_size']} px | {env['date']}", "",
+             "| step | ms | overhead ms | % of UNet step | peak GiB |", "|---|---:|---:|---:|---:|"]
+    for row in report["steps"]:
+        if "error" in row:
+            lines.append(f"| {row['variant']} | {row['error']} | | | |")
+            continue
+        over = f"{row['overhead_ms']:.1f}" if "overhead_ms" in row else ""
+        pct = f"{row['overhead_pct']:.1f}%" if "overhead_pct" in row else ""
+        lines.append(f"| {row['variant']} | {row['median_ms']:.1f} | {over} | {pct} | {row['peak_gib']:.1f} |")
+    base = report["steps"][0].get("median_ms")
+    lines += ["", "| component | ms | % of UNet step |", "|---|---:|---:|"]
+    for row in report["components"]:
+        pct = f"{100 * row['median_ms'] / base:.2f}%" if base else ""
+        lines.append(f"| {row['component']} | {row['median_ms']:.2f} | {pct} |")
+    build = report["cache_build"]
+    lines += ["", f"cache build (repa-fused cache-features, random JPEGs at {setup['resolution']} px): "
+                  f"{build['images']} images, {build['images_per_second']:.1f} img/s while encoding "
+                  f"({build['seconds']:.1f} s with the encoder's load), {build['bytes_per_image'] / 2**20:.2f} "
+                  "MiB per image"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
