@@ -26,7 +26,8 @@ def ms(fn):
     return do_bench(fn, warmup=25, rep=150, return_mode="median")
 
 
-def peak_mib(fn):
+def peak_mib(fn, h):
+    h.grad = None  # the previous step's gradient is not part of this one's peak
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -48,11 +49,12 @@ def flops(case, algorithm):
     return impl, case.min_flops()
 
 
-def end_to_end(case, rate, results):
+def end_to_end(case, rate, results, with_compile=True):
     h, y = benchmarks.make_inputs(case, "cuda")
     n = case.target_grid[0] * case.target_grid[1]
-    steps = {"eager": benchmarks.eager_loss(case),
-             "compile": torch.compile(benchmarks.eager_loss(case), dynamic=False)}
+    steps = {"eager": benchmarks.eager_loss(case)}
+    if with_compile:
+        steps["compile"] = torch.compile(benchmarks.eager_loss(case), dynamic=False)
     for algorithm in ("auto", "tiled", "gram"):
         steps[f"triton_{algorithm}"] = (algorithm, benchmarks.backend_loss(case, "triton"))
     times = {}
@@ -69,7 +71,7 @@ def end_to_end(case, rate, results):
         try:
             step()
             t = ms(step)
-            mem = peak_mib(step)
+            mem = peak_mib(step, h)
         except Exception as exc:  # keep the rest of the run
             print(f"{case.name} {name}: FAILED {type(exc).__name__}: {exc}")
             continue
@@ -236,6 +238,8 @@ def main():
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-split", action="store_true")
     parser.add_argument("--cases", default="sdxl_y,hires_manifold")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -249,13 +253,14 @@ def main():
         for case in cases:
             profile(case)
     for case in cases:
-        kernel_split(case, report["split"])
+        if not args.no_split:
+            kernel_split(case, report["split"])
         if args.sweep and case.name == "sdxl_y":  # the tiled kernels' case (hires_manifold takes Gram)
             sweep(case, report["sweep"])
     if args.accuracy:
         accuracy(report["accuracy"])
     for case in cases if not args.no_e2e else []:
-        end_to_end(case, rate, report["e2e"])
+        end_to_end(case, rate, report["e2e"], not args.no_compile)
     with open(os.path.join(args.out, "manifold_bench.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     for section in ("sweep", "split", "e2e"):

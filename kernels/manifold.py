@@ -16,7 +16,7 @@ every tile load (measured: notes/manifold.md). Two algorithms then give the same
   sums their squares (symmetry halves the work: 2·N²·D FLOPs). The backward cannot keep a row block's
   gradient in registers as flash attention does (it is BLOCK_M × D, D ≈ 1–2K), so it works in rounds:
   one kernel writes the row panels (BLOCK_M × N each) of S_h − S_y for as many (image, row block)
-  items as a fixed workspace holds (64 MiB, whatever N is), a second multiplies each panel
+  items as a fixed workspace holds (32 MiB, whatever N is), a second multiplies each panel
   by Ĥ, one D chunk per program (6·N²·D FLOPs in all). The normaliser's radial term needs
   G_i·ĥ_i = (4g/N²) Σ_j (S_h − S_y)_ij (S_h)_ij − (g_cos/N) ĥ_i·ŷ_i, which the first kernel sums on
   the way, so the gradient leaves the second kernel projected and scaled, never stored unnormalised.
@@ -369,9 +369,9 @@ class _Config:
     vec_block_t: int = 4
     vec_block_d: int = 512
     vec_warps: int = 4
-    # Backward workspace: row panels of S_h − S_y, processed in rounds that fit this many bytes (one
-    # round for the SDXL case: each round costs two launches, and the step is launch-bound there).
-    workspace_bytes: int = 64 * 2**20
+    # Backward workspace: row panels of S_h − S_y, processed in rounds that fit this many bytes. 64 MiB
+    # (one round for SDXL) saved two launches but put the SDXL peak over 1.5× (h + y + grad h).
+    workspace_bytes: int = 32 * 2**20
 
     @classmethod
     def current(cls, element_size: int = 2) -> "_Config":
