@@ -4,8 +4,14 @@ Every case is timed forward+backward (gradient to ``h``; ``y`` frozen, as an enc
 ``eager`` (the reference with PyTorch autograd), ``compile`` (``torch.compile`` of that same eager code)
 and each fused backend available on the device, side by side in one run, median of repeated runs.
 
+Two times per variant: "fwd+bwd ms", one synchronised call timed with events, host work (Python,
+autograd, launches) included; and, on a GPU, "GPU ms", the same call captured ten times in a CUDA graph
+and replayed: the device's own time, which is what the loss costs inside a training step whose host runs
+ahead of the GPU. Speedups are given for both.
+
 Ceilings are measured in the same run: the device-to-device copy bandwidth (bytes read + written) and the
-bf16 matmul rate. Each result is set against them with the counted minimum work of its case:
+matmul rate (bf16 on a GPU). Each result (GPU time where there is one) is set against them with the
+counted minimum work of its case:
 * bytes: read h and y once, write grad h once;
 * FLOPs (manifold term): the cheaper of the tiled algorithm, 4·B·N²·D (two similarity matrices halved by
   symmetry, then (ĤĤᵀ − ŶŶᵀ)Ĥ), and the Gram algorithm, 8·B·N·D² (ĤᵀĤ, ŶᵀŶ halved, ĤᵀŶ, then
@@ -156,6 +162,33 @@ def time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int
     return times
 
 
+def graph_time_ms(fn: Callable[[], None], device: torch.device, reps: int, calls: int = 10) -> Optional[float]:
+    """GPU time per call: ``calls`` calls captured in one CUDA graph, median over ``reps`` replays.
+
+    Graph replay removes the host (Python, autograd, launches) from the measurement: what is left is the
+    work a training step pays on the GPU when its host runs ahead, as it does in a real step.
+    """
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        times = time_ms(graph.replay, device, reps=max(5, reps // 5), warmup=2)
+        del graph
+        return statistics.median(times) / calls
+    except RuntimeError:  # something in the variant cannot be captured
+        torch.cuda.synchronize(device)
+        return None
+
+
 def _rss_mib(field: str) -> Optional[float]:
     try:
         with open("/proc/self/status") as status:
@@ -258,25 +291,31 @@ def run_case(case: Case, device: torch.device, reps: int, backends: Optional[lis
         times = time_ms(step, device, reps=reps)
         ms = statistics.median(times)
         peak = peak_extra_mib(step, device)
+        gpu_ms = graph_time_ms(step, device, reps)
         row = {
             "case": case.name, "loss": case.loss, "variant": variant, "batch": case.batch,
             "h_grid": list(case.h_grid), "y_grid": list(case.y_grid), "target_grid": list(case.target_grid),
             "dim": case.dim, "align": case.align, "dtype": str(dtype).replace("torch.", ""),
-            "ms": ms, "ms_min": min(times), "reps": reps, "peak_extra_mib": peak,
+            "ms": ms, "ms_min": min(times), "reps": reps, "gpu_ms": gpu_ms, "peak_extra_mib": peak,
             "grad_h_mib": h.numel() * h.element_size() / 2**20,
             "inputs_mib": (h.numel() * h.element_size() + y.numel() * y.element_size()) / 2**20,
-            "gbps": case.min_bytes(h.element_size()) / ms / 1e6,
-            "tflops": case.min_flops() / ms / 1e9,
         }
+        rows.append(row)
+        h.grad = None
+    for key, suffix in (("ms", ""), ("gpu_ms", "_gpu")):
+        by_variant = {row["variant"]: row[key] for row in rows}
+        for row in rows:
+            mine = row[key]
+            for base in ("eager", "compile"):
+                theirs = by_variant.get(base)
+                row[f"speedup_vs_{base}{suffix}"] = theirs / mine if theirs and mine else None
+    for row in rows:  # work over time: on the GPU the graph-replay time, the cost inside a training step
+        ms = row["gpu_ms"] or row["ms"]
+        row["gbps"] = case.min_bytes(h.element_size()) / ms / 1e6
+        row["tflops"] = case.min_flops() / ms / 1e9
         if ceilings:
             row["pct_copy_bw"] = 100 * row["gbps"] / ceilings["copy_gbps"]
             row["pct_matmul"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
-        rows.append(row)
-        h.grad = None
-    by_variant = {row["variant"]: row["ms"] for row in rows}
-    for row in rows:
-        row["speedup_vs_eager"] = by_variant["eager"] / row["ms"]
-        row["speedup_vs_compile"] = by_variant["compile"] / row["ms"] if "compile" in by_variant else None
     return rows
 
 
@@ -304,9 +343,11 @@ def run(device=None, cases: Optional[list[str]] = None, reps: Optional[int] = No
 # Output.
 
 COLUMNS = [("case", "{}"), ("variant", "{}"), ("ms", "{:.3f}"), ("speedup_vs_eager", "{:.2f}x"),
-           ("speedup_vs_compile", "{:.2f}x"), ("peak_extra_mib", "{:.1f}"), ("gbps", "{:.3g}"),
+           ("speedup_vs_compile", "{:.2f}x"), ("gpu_ms", "{:.3f}"), ("speedup_vs_eager_gpu", "{:.2f}x"),
+           ("speedup_vs_compile_gpu", "{:.2f}x"), ("peak_extra_mib", "{:.1f}"), ("gbps", "{:.3g}"),
            ("pct_copy_bw", "{:.0f}%"), ("tflops", "{:.3g}"), ("pct_matmul", "{:.0f}%")]
 HEADERS = {"ms": "fwd+bwd ms", "speedup_vs_eager": "vs eager", "speedup_vs_compile": "vs compile",
+           "gpu_ms": "GPU ms", "speedup_vs_eager_gpu": "GPU vs eager", "speedup_vs_compile_gpu": "GPU vs compile",
            "peak_extra_mib": "peak MiB", "gbps": "GB/s", "pct_copy_bw": "% copy", "tflops": "TFLOP/s",
            "pct_matmul": "% mm"}
 

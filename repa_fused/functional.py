@@ -125,7 +125,8 @@ def cosine_alignment_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg =
 
     h: (B, N_h, D), y: (B, N_y, D). Returns a scalar (``reduction="mean"``) or (B,) (``"none"``).
     """
-    return _reduce(_per_sample("cosine", h, y, h_grid, y_grid, align, reduction, backend)[0], reduction)
+    # squeeze, not [0]: a view whose backward launches nothing (select's backward allocates and copies).
+    return _reduce(_per_sample("cosine", h, y, h_grid, y_grid, align, reduction, backend).squeeze(0), reduction)
 
 
 def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None, y_grid: GridArg = None,
@@ -134,7 +135,8 @@ def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None, y
 
     h: (B, N_h, D), y: (B, N_y, D). Returns a scalar (``reduction="mean"``) or (B,) (``"none"``).
     """
-    return _reduce(_per_sample("manifold", h, y, h_grid, y_grid, align, reduction, backend)[0], reduction)
+    return _reduce(_per_sample("manifold", h, y, h_grid, y_grid, align, reduction, backend).squeeze(0),
+                   reduction)
 
 
 def urepa_loss(h: torch.Tensor, y: torch.Tensor, *, manifold_weight: float = 3.0, h_grid: GridArg = None,
@@ -149,7 +151,7 @@ def urepa_loss(h: torch.Tensor, y: torch.Tensor, *, manifold_weight: float = 3.0
     if not math.isfinite(manifold_weight):
         raise ValueError(f"manifold_weight must be finite, got {manifold_weight}")
     terms = _per_sample("urepa", h, y, h_grid, y_grid, align, reduction, backend)
-    alignment, manifold = _reduce(terms[0], reduction), _reduce(terms[1], reduction)
+    alignment, manifold = (terms.mean(1) if reduction == "mean" else terms).unbind(0)
     return alignment + manifold_weight * manifold, alignment, manifold
 
 
