@@ -177,7 +177,12 @@ def main(argv=None) -> int:
     write_images(images, max(args.cache_images, batch), resolution)
     build = dict(batch_size=32, dtype="bf16" if dtype == torch.bfloat16 else "fp32", device=device,
                  progress=False, log=log, num_workers=0 if args.tiny else 8)
-    summary = cache_features(images, os.path.join(work, "cache"), enc_dir, enc_size, **build)
+    try:
+        summary = cache_features(images, os.path.join(work, "cache"), enc_dir, enc_size, **build)
+    except RuntimeError as exc:  # a DataLoader worker killed, e.g. by a small /dev/shm in a container
+        log(f"cache build with {build['num_workers']} workers failed ({exc}); again without workers")
+        build["num_workers"] = 0
+        summary = cache_features(images, os.path.join(work, "cache0"), enc_dir, enc_size, **build)
     cache_dir = summary.path
     cache = FeatureCache(cache_dir)
     keys = cache.keys()[:batch]
@@ -240,7 +245,7 @@ def main(argv=None) -> int:
         "environment": env,
         "setup": {"batch": batch, "resolution": resolution, "latent": latent, "encoder_size": enc_size,
                   "dtype": str(dtype).replace("torch.", ""), "tiny": bool(args.tiny)},
-        "cache_build": {"images": summary.encoded, "seconds": summary.seconds,
+        "cache_build": {"images": summary.encoded, "seconds": summary.seconds, "workers": build["num_workers"],
                         "encode_seconds": summary.encode_seconds,
                         "images_per_second": summary.encoded / summary.encode_seconds,
                         "bytes_per_image": shard_bytes / max(summary.encoded, 1)},
