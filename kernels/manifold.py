@@ -50,9 +50,11 @@ ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
 
 # Cost model (FLOPs per image, h-gradient only; y's gradient adds the same again to both backward paths):
 #   tiled: forward 2·N²·D, backward 6·N²·D;  gram: forward 8·N·D², backward 12·N·D²
-# and the Gram path's products run GRAM_EFFICIENCY times the Triton tiles' rate (measured on an H100,
-# notes/manifold.md: the forward reductions and the backward's hi/lo split eat cuBLAS's edge).
-GRAM_EFFICIENCY = {"forward": 0.9, "backward": 0.9}
+# and the Gram path runs its FLOPs at GRAM_EFFICIENCY times the Triton tiles' rate (H100, N = 4096,
+# D = 1024, notes/manifold.md: 447 vs 533 TFLOP/s forward, 431 vs 510 backward; the Frobenius
+# reductions and the hi/lo split eat cuBLAS's edge). Gram then wins for N > 4.7·D (forward) and
+# N > 2.35·D (backward).
+GRAM_EFFICIENCY = {"forward": 0.85, "backward": 0.85}
 # The Gram forward's relative error against fp64 grew as ≈ 5e-6·ratio on an H100 (N = 4096, D = 1024),
 # ratio = (‖ĤᵀĤ‖² + ‖ŶᵀŶ‖²) / ‖S_h − S_y‖²; above this ratio (error ≳ 1e-3) the tiled kernel recomputes
 # the loss. The backward needs no guard: with the hi/lo split its error stayed ≤ 1e-3 up to ratio 3e5,
