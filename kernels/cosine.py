@@ -18,9 +18,8 @@ Data movement. The forward reads h and y once (the taps' re-reads hit L2) and wr
 the three per-token scalars (s0, s1, s2) and per-program partial sums of the loss, which the last program
 of each sample adds up in a fixed order (one launch, deterministic). The backward reads
 those scalars instead of reducing over D again, so it is one streaming pass: read h and y, write the
-gradient. The scalars travel from forward to backward through a small cache keyed by the inputs'
-storage and version (the op contract passes only h and y to the backward); when the entry is missing
-the backward recomputes them with the forward kernel. The backward walks samples and rows in the
+gradient. The scalars travel from forward to backward as the op's saved tensor (ops.define_loss_op).
+The backward walks samples and rows in the
 reverse order of the forward, so it starts on the data the forward read last (still in L2).
 Everything is a gather: each output element is written once, deterministic, no atomics.
 """
@@ -29,8 +28,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import OrderedDict
-from typing import Optional
 
 import torch
 import triton
@@ -274,31 +271,15 @@ def _launch_forward(h, y, h_grid, y_grid, target_grid):
     return out, scal
 
 
-# The per-token scalars, from forward to backward. Keyed by what identifies the inputs' values: storage,
-# version counter (bumped by every in-place write), layout, dtype and grids. A few entries suffice
-# (forward and backward of one step are close); a miss only costs a recomputation.
-_SAVED: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_SAVED_MAX = 8
+def saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
+    """Shape of the scalars the forward hands to the backward: 4 planes of (B, N)."""
+    return (4, h.shape[0], target_grid[0] * target_grid[1])
 
 
-def _saved_key(h, y, grids) -> Optional[tuple]:
-    if h.is_inference() or y.is_inference():  # no version counter to trust
-        return None
-    return (h.data_ptr(), h._version, h.shape, h.stride(), h.dtype, y.data_ptr(), y._version, y.shape,
-            y.stride(), y.dtype, h.device, grids)
-
-
-def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid) -> torch.Tensor:
-    """Per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt, for h (B, N_h, D) on ``h_grid`` and
-    y (B, N_y, D) on ``y_grid`` resampled to ``target_grid`` (N = H_t·W_t tokens)."""
-    out, scal = _launch_forward(h, y, h_grid, y_grid, target_grid)
-    key = _saved_key(h, y, (h_grid, y_grid, target_grid))
-    if key is not None:
-        _SAVED.pop(key, None)
-        _SAVED[key] = scal
-        if len(_SAVED) > _SAVED_MAX:
-            _SAVED.popitem(last=False)
-    return out
+def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid):
+    """(per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt; per-token scalars (4, B, N) for the backward)
+    for h (B, N_h, D) on ``h_grid`` and y (B, N_y, D) on ``y_grid`` resampled to ``target_grid``."""
+    return _launch_forward(h, y, h_grid, y_grid, target_grid)
 
 
 def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
@@ -317,16 +298,11 @@ def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
 
 
 def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid,
-             needs_h: bool, needs_y: bool):
+             needs_h: bool, needs_y: bool, *, saved: torch.Tensor):
     """(∂/∂h, ∂/∂y) of Σ_b grad[0, b]·loss_b, in h's and y's dtypes (None where not needed).
-    grad: (1, B) float32."""
-    grids = (h_grid, y_grid, target_grid)
-    key = _saved_key(h, y, grids)
-    scal = _SAVED.get(key) if key is not None else None
-    if scal is None:
-        scal = _launch_forward(h, y, *grids)[1]
+    grad: (1, B) float32; saved: the forward's per-token scalars."""
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         grad = grad.to(torch.float32).contiguous()
-    grad_h = _adjoint(grad, h, y, h_grid, y_grid, target_grid, scal, 1) if needs_h else None
-    grad_y = _adjoint(grad, y, h, y_grid, h_grid, target_grid, scal, 2) if needs_y else None
+    grad_h = _adjoint(grad, h, y, h_grid, y_grid, target_grid, saved, 1) if needs_h else None
+    grad_y = _adjoint(grad, y, h, y_grid, h_grid, target_grid, saved, 2) if needs_y else None
     return grad_h, grad_y

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -25,55 +25,76 @@ from . import reference
 OP_NAMES = ("cosine", "manifold", "urepa")
 TERMS = {"cosine": 1, "manifold": 1, "urepa": 2}
 
-# forward(h, y, h_grid, y_grid, target_grid) -> (T, B) losses
-ForwardImpl = Callable[..., torch.Tensor]
-# backward(grad (T, B), h, y, h_grid, y_grid, target_grid, needs_h, needs_y) -> (grad_h | None, grad_y | None)
+# forward(h, y, h_grid, y_grid, target_grid) -> (T, B) losses, or ((T, B) losses, saved) where ``saved``
+# is one float32 tensor of O(B·N) values the backward reuses (per-token norms, say) instead of recomputing.
+ForwardImpl = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+# backward(grad (T, B), h, y, h_grid, y_grid, target_grid, needs_h, needs_y[, saved=saved])
+#     -> (grad_h | None, grad_y | None); ``saved=`` is passed only to a backend whose forward returns it.
 BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+# saved_shape(h, y, h_grid, y_grid, target_grid) -> shape of ``saved`` (for the fake implementation);
+# None for a backend that saves nothing.
+SavedShape = Optional[Callable[..., tuple[int, ...]]]
+
+NOTHING_SAVED = (0,)
 
 
-def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: BackwardImpl) -> Callable:
+def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: BackwardImpl,
+                   saved_shape: Callable[..., Optional[tuple[int, ...]]] = lambda *args: None) -> Callable:
     """Register ``forward``/``backward`` as the ``op`` of ``backend``; return the differentiable callable.
 
     ``backward`` must return gradients in the dtype of the matching input, or None where not needed.
+    ``saved_shape`` returns the shape of the forward's ``saved`` tensor, or None when it saves nothing.
     """
     terms = TERMS[op]
     name = f"repa_fused::{op}_{backend}"
 
-    def out_dtype(h, y):
-        return reference.compute_dtype(h, y)
+    def run_forward(h, y, h_grid, y_grid, target_grid):
+        """(losses, saved or None) whatever the backend's forward returns."""
+        result = forward(h, y, h_grid, y_grid, target_grid)
+        return result if isinstance(result, tuple) else (result, None)
+
+    def run_backward(grad, h, y, grids, needs_h, needs_y, saved):
+        if saved is None:
+            return backward(grad, h, y, *grids, needs_h, needs_y)
+        return backward(grad, h, y, *grids, needs_h, needs_y, saved=saved)
 
     @torch.library.custom_op(name, mutates_args=())
     def forward_op(h: torch.Tensor, y: torch.Tensor, h_grid: list[int], y_grid: list[int],
-                   target_grid: list[int]) -> torch.Tensor:
-        return forward(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid))
+                   target_grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, saved = run_forward(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid))
+        # A custom op returns tensors only: an empty one stands for "nothing saved".
+        return losses, (saved if saved is not None else h.new_empty(NOTHING_SAVED, dtype=torch.float32))
 
     @forward_op.register_fake
     def _(h, y, h_grid, y_grid, target_grid):
-        return h.new_empty((terms, h.shape[0]), dtype=out_dtype(h, y))
+        shape = saved_shape(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid))
+        return (h.new_empty((terms, h.shape[0]), dtype=reference.compute_dtype(h, y)),
+                h.new_empty(shape if shape is not None else NOTHING_SAVED, dtype=torch.float32))
 
     @torch.library.custom_op(name + "_backward", mutates_args=())
-    def backward_op(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid: list[int],
-                    y_grid: list[int], target_grid: list[int], needs_h: bool,
+    def backward_op(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, saved: torch.Tensor,
+                    h_grid: list[int], y_grid: list[int], target_grid: list[int], needs_h: bool,
                     needs_y: bool) -> list[torch.Tensor]:
-        grad_h, grad_y = backward(grad, h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid),
-                                  needs_h, needs_y)
+        grids = (tuple(h_grid), tuple(y_grid), tuple(target_grid))
+        has_saved = saved_shape(h, y, *grids) is not None
+        grad_h, grad_y = run_backward(grad, h, y, grids, needs_h, needs_y, saved if has_saved else None)
         # A custom op cannot return None: an empty tensor stands for "no gradient".
         return [grad_h if needs_h else h.new_empty(0), grad_y if needs_y else y.new_empty(0)]
 
     @backward_op.register_fake
-    def _(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
+    def _(grad, h, y, saved, h_grid, y_grid, target_grid, needs_h, needs_y):
         return [torch.empty_like(h, memory_format=torch.contiguous_format) if needs_h else h.new_empty(0),
                 torch.empty_like(y, memory_format=torch.contiguous_format) if needs_y else y.new_empty(0)]
 
     def setup_context(ctx, inputs, output):
         h, y, h_grid, y_grid, target_grid = inputs
-        ctx.save_for_backward(h, y)
+        ctx.save_for_backward(h, y, output[1])
         ctx.grids = (h_grid, y_grid, target_grid)
 
-    def backward_rule(ctx, grad):
-        h, y = ctx.saved_tensors
+    def backward_rule(ctx, grad, _grad_saved):
+        h, y, saved = ctx.saved_tensors
         needs_h, needs_y = ctx.needs_input_grad[:2]
-        grad_h, grad_y = backward_op(grad.contiguous(), h, y, *ctx.grids, needs_h, needs_y)
+        grad_h, grad_y = backward_op(grad.contiguous(), h, y, saved, *ctx.grids, needs_h, needs_y)
         return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None)
 
     forward_op.register_autograd(backward_rule, setup_context=setup_context)
@@ -81,22 +102,23 @@ def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: Backwa
     class EagerFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, y, h_grid, y_grid, target_grid):
-            ctx.save_for_backward(h, y)
+            losses, saved = run_forward(h, y, h_grid, y_grid, target_grid)
+            ctx.save_for_backward(h, y, saved)
             ctx.grids = (h_grid, y_grid, target_grid)
-            return forward(h, y, h_grid, y_grid, target_grid)
+            return losses
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad):
-            h, y = ctx.saved_tensors
+            h, y, saved = ctx.saved_tensors
             needs_h, needs_y = ctx.needs_input_grad[:2]
-            grad_h, grad_y = backward(grad.contiguous(), h, y, *ctx.grids, needs_h, needs_y)
+            grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved)
             return grad_h, grad_y, None, None, None
 
     def call(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid) -> torch.Tensor:
         h_grid, y_grid, target_grid = tuple(h_grid), tuple(y_grid), tuple(target_grid)
         if torch.compiler.is_compiling():
-            return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid))
+            return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid))[0]
         return EagerFunction.apply(h, y, h_grid, y_grid, target_grid)
 
     call.custom_op = forward_op
@@ -127,7 +149,7 @@ def _reference_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
 def _triton_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
     from .kernels import cosine, manifold
 
-    return {"cosine": (cosine.forward, cosine.backward),
+    return {"cosine": (cosine.forward, cosine.backward, cosine.saved_shape),
             "manifold": (manifold.manifold_forward, manifold.manifold_backward),
             "urepa": (manifold.urepa_forward, manifold.urepa_backward)}
 
@@ -168,7 +190,8 @@ class Backend:
 
     name: str
     devices: tuple[str, ...]
-    load: Callable[[], dict[str, tuple[ForwardImpl, BackwardImpl]]] = field(repr=False)
+    # op -> (forward, backward) or (forward, backward, saved_shape): see define_loss_op
+    load: Callable[[], dict[str, tuple]] = field(repr=False)
     ops: dict[str, Callable] = field(default_factory=dict, repr=False)
     _implementations: Optional[dict] = field(default=None, repr=False)
 
@@ -190,10 +213,14 @@ def register_backend(name: str, devices: tuple[str, ...], load) -> Backend:
         def forward(*args, _op=op):
             return backend.implementations()[_op][0](*args)
 
-        def backward(*args, _op=op):
-            return backend.implementations()[_op][1](*args)
+        def backward(*args, _op=op, **kwargs):
+            return backend.implementations()[_op][1](*args, **kwargs)
 
-        backend.ops[op] = define_loss_op(op, name, forward, backward)
+        def saved_shape(*args, _op=op):
+            implementation = backend.implementations()[_op]
+            return implementation[2](*args) if len(implementation) > 2 else None
+
+        backend.ops[op] = define_loss_op(op, name, forward, backward, saved_shape)
     BACKENDS[name] = backend
     return backend
 

@@ -90,21 +90,22 @@ def test_non_contiguous_inputs():
         assert rel_rmse(o, r) < 1e-5
 
 
-def test_backward_without_forward_recomputes():
-    """The per-token scalars come from the forward when it ran on these inputs; else are recomputed."""
+def test_saved_scalars_reach_the_backward():
+    """The forward's per-token scalars are the op's saved tensor, and the backward uses them."""
     from repa_fused.kernels import cosine
 
     case = ODD_CASES[3]
     h, y = make(case)
     grids = resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])
     grad = torch.randn(1, h.shape[0])
-    cosine._SAVED.clear()
-    cold = cosine.backward(grad, h, y, *grids, True, True)
-    cosine.forward(h, y, *grids)
-    warm = cosine.backward(grad, h, y, *grids, True, True)
+    losses, saved = cosine.forward(h, y, *grids)
+    assert saved.shape == cosine.saved_shape(h, y, *grids)
+    got = cosine.backward(grad, h, y, *grids, True, True, saved=saved)
     ref = reference.loss_gradients("cosine", grad, h, y, *grids, True, True)
-    for c, w, r in zip(cold, warm, ref):
-        assert torch.equal(c, w) and rel_rmse(c, r) < 1e-5
+    for g, r in zip(got, ref):
+        assert rel_rmse(g, r) < 1e-5
+    wrong = cosine.backward(grad, h, y, *grids, True, False, saved=torch.zeros_like(saved))[0]
+    assert rel_rmse(wrong, ref[0]) > 0.5  # the scalars are really read
 
 
 def test_deterministic():
