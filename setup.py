@@ -38,7 +38,9 @@ def cpp_extension_modules():
 
     extension = CppExtension(
         "repa_fused._C", CPP_SOURCES,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+        # torch adds the -std its headers need; -g0 drops the debug info Python's CFLAGS ask for (it
+        # doubles the compile time of torch's templates). OpenMP: at::parallel_for runs on it.
+        extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp"]},
         extra_link_args=["-fopenmp"],
     )
     return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
