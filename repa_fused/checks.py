@@ -67,7 +67,9 @@ def _terms(op: str, backend: str, h, y, case):
 
 
 def check_values(backend: str, op: str, dtype: torch.dtype, device) -> CheckResult:
-    worst = [0.0, 0.0, 0.0]
+    """Losses and both gradients over all CHECK_CASES, pooled per quantity before the relative RMSE:
+    a case whose exact value is 0 (the manifold loss of a single token) cannot set the scale alone."""
+    pooled = [([], []), ([], []), ([], [])]
     finite = True
     for seed, case in enumerate(CHECK_CASES):
         h, y = _inputs(case, device, dtype, seed)
@@ -81,11 +83,13 @@ def check_values(backend: str, op: str, dtype: torch.dtype, device) -> CheckResu
         ref = _terms(op, "reference", h64, y64, case)
         ref_h, ref_y = torch.autograd.grad((ref * weights.to(device)).sum(), (h64, y64))
         finite &= bool(torch.isfinite(out).all() and torch.isfinite(grad_h).all() and torch.isfinite(grad_y).all())
-        for i, (a, r) in enumerate(((out, ref), (grad_h, ref_h), (grad_y, ref_y))):
-            worst[i] = max(worst[i], rel_rmse(a, r))
+        for (outs, refs), a, r in zip(pooled, (out, grad_h, grad_y), (ref, ref_h, ref_y)):
+            outs.append(a.detach().double().flatten())
+            refs.append(r.detach().flatten())
+    errors = [rel_rmse(torch.cat(outs), torch.cat(refs)) for outs, refs in pooled]
     tol = TOLERANCE[dtype]
-    passed = finite and max(worst) <= tol
-    return CheckResult(backend, op, str(dtype).replace("torch.", ""), *worst, tol, passed,
+    passed = finite and max(errors) <= tol
+    return CheckResult(backend, op, str(dtype).replace("torch.", ""), *errors, tol, passed,
                        "" if finite else "non-finite values")
 
 
