@@ -290,6 +290,7 @@ def run_case(case: Case, device: torch.device, reps: int, backends: Optional[lis
 
         times = time_ms(step, device, reps=reps)
         ms = statistics.median(times)
+        h.grad = None  # the baseline holds no gradient: the peak counts the new one
         peak = peak_extra_mib(step, device)
         gpu_ms = graph_time_ms(step, device, reps)
         row = {
