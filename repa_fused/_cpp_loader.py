@@ -10,6 +10,8 @@ block)`` returns ``(grad_h | None, grad_y | None)``. ``method`` picks the manifo
 from __future__ import annotations
 
 import functools
+import importlib.util
+import warnings
 from typing import Callable, Optional
 
 OPS = ("cosine", "manifold", "urepa")
@@ -17,10 +19,18 @@ OPS = ("cosine", "manifold", "urepa")
 
 @functools.lru_cache(maxsize=None)
 def extension() -> Optional[object]:
-    """The extension module, or None when it was not built (the install says so once)."""
+    """The extension module, or None when it was not built (the install says so once).
+
+    A module that was built but does not load (typically: torch changed since the build) is said once
+    here, since the fallback to the reference backend would otherwise be silent.
+    """
     try:
         from . import _C  # type: ignore[attr-defined]
-    except ImportError:
+    except ImportError as error:
+        if importlib.util.find_spec(f"{__package__}._C") is not None:
+            warnings.warn(f"repa_fused._C was built but does not load ({error}); the 'cpp' backend is "
+                          "unavailable until it is rebuilt: pip install --no-build-isolation -e .",
+                          RuntimeWarning, stacklevel=2)
         return None
     return _C
 
