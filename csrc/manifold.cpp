@@ -16,7 +16,8 @@
 // Each row then finishes as G_h = (2 g_man/N²) R_P − (g_cos/N) ŷ, G_y = −(2 g_man/N²) R_Q − (g_cos/N) ĥ,
 // and goes through the normaliser's backward and the transposed interpolation (units.h, resample.h).
 // GEMMs are ATen's (MKL), called single-threaded inside at::parallel_for tasks whose partition does not
-// depend on the thread count, so results are bit-reproducible.
+// depend on the thread count, and partial sums are reduced in a fixed order: results are bit-identical from
+// run to run and whatever the number of threads.
 #include <ATen/Parallel.h>
 
 #include <array>

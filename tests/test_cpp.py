@@ -206,14 +206,21 @@ def test_no_gradient_to_frozen_y():
 
 @pytest.mark.parametrize("op", OPS)
 def test_deterministic(op):
-    """Two runs are bit-identical (fixed block partition and reduction order, gathers instead of atomics)."""
+    """Bit-identical runs, whatever the number of threads: the block partition and every reduction order are
+    fixed, and the backward gathers instead of using atomics."""
     h, y = random_case(2, (30, 30), (37, 37), 40, dtype=torch.float32, seed=12)
     grids = [[30, 30], [37, 37], [37, 37]]
+    threads = torch.get_num_threads()
     for method in METHODS:
         first = run_ext(op, h, y, grids, method)
         second = run_ext(op, h, y, grids, method)
-        for a, b in zip(first, second):
-            assert torch.equal(a, b)
+        try:
+            torch.set_num_threads(1)
+            single = run_ext(op, h, y, grids, method)
+        finally:
+            torch.set_num_threads(threads)
+        for a, b, c in zip(first, second, single):
+            assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_clear_errors():
