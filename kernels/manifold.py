@@ -590,18 +590,20 @@ def _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
 
 
 # --------------------------------------------------------------------------------------------------
-# The op implementations (ops._triton_implementations). float64 (gradcheck) has no tensor-core dot:
-# it runs the reference.
+# The op implementations (ops._triton_implementations). float64 has no tensor-core dot: it is refused
+# here, as by the cosine kernel; backend="auto" sends float64 to the reference.
 
 
-def _float64(h, y) -> bool:
-    return h.dtype == torch.float64 or y.dtype == torch.float64
+def _check_dtypes(h, y) -> None:
+    for name, x in (("h", h), ("y", y)):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"the triton backend takes {name} as float32, bfloat16 or float16, got {x.dtype}; "
+                            f"use backend='reference' for float64")
 
 
 def manifold_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
     """(1, B) fp32: (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² per image. h: (B, N_h, D), y: (B, N_y, D)."""
-    if _float64(h, y):
-        return reference.LOSSES["manifold"](h, y, h_grid, y_grid, target_grid)
+    _check_dtypes(h, y)
     out = torch.empty(1, h.shape[0], dtype=torch.float32, device=h.device)
     manifold_values(_prepare(h, y, h_grid, y_grid, target_grid), out[0])
     return out
@@ -609,15 +611,12 @@ def manifold_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
 
 def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b], in the inputs' dtypes and shapes."""
-    if _float64(h, y):
-        return reference.loss_gradients("manifold", grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
     return _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
 
 
 def urepa_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
     """(2, B) fp32: row 0 −(1/N) Σ_n ĥ_n·ŷ_n, row 1 the manifold loss, from one pre-pass."""
-    if _float64(h, y):
-        return reference.LOSSES["urepa"](h, y, h_grid, y_grid, target_grid)
+    _check_dtypes(h, y)
     prep = _prepare(h, y, h_grid, y_grid, target_grid)
     out = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
     torch.sum(prep.stats[:, 2], 1, out=out[0]).mul_(-1.0 / prep.shape[1])
@@ -627,6 +626,4 @@ def urepa_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
 
 def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b]."""
-    if _float64(h, y):
-        return reference.loss_gradients("urepa", grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
     return _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)

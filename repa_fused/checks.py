@@ -31,6 +31,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def rel_rmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """rms(ref − out) / rms(ref), robust in low precision (flash-linear-attention's measure)."""
     out, ref = out.double(), ref.double()
     return ((ref - out).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
 
@@ -128,8 +129,16 @@ def check_gradcheck(backend: str, op: str, device) -> CheckResult:
 
 
 def run_checks(device=None, backends=None, log: Callable[[str], None] = lambda m: None) -> list[CheckResult]:
+    """Check ``backends`` (default: every one available on ``device``); asking for one that is unknown
+    or not available there is a ValueError."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = [b for b in ops.available_backends(device) if backends is None or b in backends]
+    available = ops.available_backends(device)
+    for name in backends or ():
+        if name not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; backends: {list(ops.BACKENDS)}")
+        if name not in available:
+            raise ValueError(f"backend {name!r} is not available on {device}; available: {available}")
+    names = [b for b in available if backends is None or b in backends]
     results = []
     for backend in names:
         for op in ops.OP_NAMES:

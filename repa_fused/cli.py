@@ -21,7 +21,11 @@ def cmd_check(args) -> int:
 
     device = _device_arg(args.device)
     log = (lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None)
-    results = checks.run_checks(device, args.backends, log=log)
+    try:
+        results = checks.run_checks(device, args.backends, log=log)
+    except ValueError as error:
+        print(f"repa-fused check: {error}", file=sys.stderr)
+        return 2
     print(checks.format_results(results, device))
     return 0 if all(r.passed for r in results) else 1
 

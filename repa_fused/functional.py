@@ -58,8 +58,9 @@ def resolve_grids(n_h: int, n_y: int, h_grid: GridArg = None, y_grid: GridArg = 
     """(h_grid, y_grid, target_grid) for token counts ``n_h``, ``n_y``.
 
     ``align="min"``: the grid with fewer tokens (ties to h's); ``"y"``/``"h"``: that input's grid;
-    ``(H, W)``: that grid. Two unknown (non-square) grids of one token count need no interpolation and
-    are taken as the same layout; any other case that needs a grid it cannot know raises ValueError.
+    ``(H, W)``: that grid. Inputs of one token count share a layout when only one side's is known, and
+    are compared token by token when neither is; any other case that needs a grid it cannot know raises
+    ValueError naming the grid to pass.
     """
     if isinstance(align, str):
         if align not in ALIGN_MODES:
@@ -69,8 +70,10 @@ def resolve_grids(n_h: int, n_y: int, h_grid: GridArg = None, y_grid: GridArg = 
         explicit = _check_grid("align", align)
     g_h = _known_grid("h_grid", h_grid, n_h)
     g_y = _known_grid("y_grid", y_grid, n_y)
-    if g_h is None and g_y is None and n_h == n_y and (explicit is None or explicit == (n_h, 1)):
-        same = (n_h, 1)  # one unknown layout on both sides: nothing to resample
+    if n_h == n_y and (g_h is None) != (g_y is None):
+        g_h = g_y = g_h or g_y  # one token count, one known layout: the other side shares it
+    if g_h is None and g_y is None and n_h == n_y and explicit is None:
+        same = (n_h, 1)  # one unknown layout on both sides: compared token by token, nothing to resample
         return same, same, same
     for name, grid, tokens in (("h_grid", g_h, n_h), ("y_grid", g_y, n_y)):
         if grid is None:
@@ -86,11 +89,12 @@ def resolve_grids(n_h: int, n_y: int, h_grid: GridArg = None, y_grid: GridArg = 
     return g_h, g_y, target
 
 
-def _select_backend(backend: str, device: torch.device, op: str):
+def _select_backend(backend: str, device: torch.device, op: str, float64: bool = False):
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
-        backend = ops.default_backend(device)
+        # float64 (gradcheck, analysis) has no fused kernel: the reference is its backend.
+        backend = "reference" if float64 else ops.default_backend(device)
     elif not ops.BACKENDS[backend].available(device):
         raise ValueError(f"backend={backend!r} is not available on device {device}; available: "
                          f"{ops.available_backends(device)}")
@@ -110,7 +114,7 @@ def _per_sample(op: str, h, y, h_grid, y_grid, align, reduction, backend) -> tor
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     grids = resolve_grids(h.shape[1], y.shape[1], h_grid, y_grid, align)
-    impl = _select_backend(backend, h.device, op)
+    impl = _select_backend(backend, h.device, op, torch.float64 in (h.dtype, y.dtype))
     return impl(h, y, *grids)
 
 

@@ -33,9 +33,19 @@ ForwardImpl = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor
 BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 # saved_shape(h, y, h_grid, y_grid, target_grid) -> shape of ``saved`` (for the fake implementation);
 # None for a backend that saves nothing.
-SavedShape = Optional[Callable[..., tuple[int, ...]]]
 
 NOTHING_SAVED = (0,)
+
+
+def _stash(ctx, *tensors) -> None:
+    """Save tensors for backward. Inference tensors (an encoder run under torch.inference_mode) cannot
+    be saved; they cannot change in place outside inference mode either, so a reference suffices."""
+    ctx.inference = [t if t is not None and t.is_inference() else None for t in tensors]
+    ctx.save_for_backward(*[None if kept is not None else t for t, kept in zip(tensors, ctx.inference)])
+
+
+def _unstash(ctx) -> list:
+    return [kept if kept is not None else t for t, kept in zip(ctx.saved_tensors, ctx.inference)]
 
 
 def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: BackwardImpl,
@@ -78,8 +88,10 @@ def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: Backwa
         grids = (tuple(h_grid), tuple(y_grid), tuple(target_grid))
         has_saved = saved_shape(h, y, *grids) is not None
         grad_h, grad_y = run_backward(grad, h, y, grids, needs_h, needs_y, saved if has_saved else None)
-        # A custom op cannot return None: an empty tensor stands for "no gradient".
-        return [grad_h if needs_h else h.new_empty(0), grad_y if needs_y else y.new_empty(0)]
+        # A custom op cannot return None: an empty tensor stands for "no gradient". Contiguous, as the
+        # fake implementation declares (compiled graphs rely on the strides).
+        return [grad_h.contiguous() if needs_h else h.new_empty(0),
+                grad_y.contiguous() if needs_y else y.new_empty(0)]
 
     @backward_op.register_fake
     def _(grad, h, y, saved, h_grid, y_grid, target_grid, needs_h, needs_y):
@@ -88,11 +100,11 @@ def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: Backwa
 
     def setup_context(ctx, inputs, output):
         h, y, h_grid, y_grid, target_grid = inputs
-        ctx.save_for_backward(h, y, output[1])
+        _stash(ctx, h, y, output[1])
         ctx.grids = (h_grid, y_grid, target_grid)
 
     def backward_rule(ctx, grad, _grad_saved):
-        h, y, saved = ctx.saved_tensors
+        h, y, saved = _unstash(ctx)
         needs_h, needs_y = ctx.needs_input_grad[:2]
         grad_h, grad_y = backward_op(grad.contiguous(), h, y, saved, *ctx.grids, needs_h, needs_y)
         return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None)
@@ -103,14 +115,14 @@ def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: Backwa
         @staticmethod
         def forward(ctx, h, y, h_grid, y_grid, target_grid):
             losses, saved = run_forward(h, y, h_grid, y_grid, target_grid)
-            ctx.save_for_backward(h, y, saved)
+            _stash(ctx, h, y, saved)
             ctx.grids = (h_grid, y_grid, target_grid)
             return losses
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad):
-            h, y, saved = ctx.saved_tensors
+            h, y, saved = _unstash(ctx)
             needs_h, needs_y = ctx.needs_input_grad[:2]
             grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved)
             return grad_h, grad_y, None, None, None
@@ -146,7 +158,7 @@ def _reference_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
     return {op: make(op) for op in OP_NAMES}
 
 
-def _triton_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
+def _triton_implementations() -> dict[str, tuple]:
     from .kernels import cosine, manifold
 
     return {"cosine": (cosine.forward, cosine.backward, cosine.saved_shape),
@@ -154,7 +166,7 @@ def _triton_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
             "urepa": (manifold.urepa_forward, manifold.urepa_backward)}
 
 
-def _cpp_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
+def _cpp_implementations() -> dict[str, tuple]:
     from . import _cpp_loader
 
     return _cpp_loader.implementations()
@@ -186,28 +198,32 @@ def _cpp_available(device: torch.device) -> bool:
 @dataclass
 class Backend:
     """A named implementation of the ops. ``ops[op]`` is the differentiable callable
-    ``(h, y, h_grid, y_grid, target_grid) -> (T, B)``; ``devices`` lists the device types it runs on."""
+    ``(h, y, h_grid, y_grid, target_grid) -> (T, B)``; ``devices`` lists the device types it runs on
+    (None: any device PyTorch runs on)."""
 
     name: str
-    devices: tuple[str, ...]
+    devices: Optional[tuple[str, ...]]
     # op -> (forward, backward) or (forward, backward, saved_shape): see define_loss_op
     load: Callable[[], dict[str, tuple]] = field(repr=False)
     ops: dict[str, Callable] = field(default_factory=dict, repr=False)
     _implementations: Optional[dict] = field(default=None, repr=False)
 
-    def implementations(self) -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
+    def implementations(self) -> dict[str, tuple]:
         if self._implementations is None:
             self._implementations = self.load()
         return self._implementations
 
     def available(self, device) -> bool:
-        return torch.device(device).type in self.devices
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return False
+        return self.devices is None or device.type in self.devices
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, devices: tuple[str, ...], load) -> Backend:
+def register_backend(name: str, devices: Optional[tuple[str, ...]], load) -> Backend:
     backend = Backend(name, devices, load)
     for op in OP_NAMES:
         def forward(*args, _op=op):
@@ -227,7 +243,7 @@ def register_backend(name: str, devices: tuple[str, ...], load) -> Backend:
 
 # Availability is read once, at import (tests set TRITON_INTERPRET before importing): under
 # torch.compile the choice of backend is then a constant lookup.
-register_backend("reference", ("cpu", "cuda"), _reference_implementations)
+register_backend("reference", None, _reference_implementations)
 register_backend("triton", tuple(d for d in ("cpu", "cuda") if _triton_available(torch.device(d))),
                  _triton_implementations)
 register_backend("cpp", ("cpu",) if _cpp_available(torch.device("cpu")) else (), _cpp_implementations)

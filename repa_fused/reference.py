@@ -130,7 +130,7 @@ def loss_gradients(op: str, grad: torch.Tensor, h, y, h_grid: Grid, y_grid: Grid
 
     def through(g_unit, x_t, x, grid):
         g = normalize_tokens_backward(g_unit, x_t)
-        return interpolate_tokens_backward(g, grid, target_grid).to(x.dtype)
+        return interpolate_tokens_backward(g, grid, target_grid).to(x.dtype).contiguous()
 
     def unit_grad(other_hat, own_hat, sign):
         g = torch.zeros_like(own_hat)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def rel_rmse(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """rms(ref − out) / rms(ref), robust in low precision (flash-linear-attention's measure)."""
-    out, ref = out.double(), ref.double()
-    return ((ref - out).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
+from repa_fused.checks import rel_rmse  # noqa: F401  (one definition, shared with repa-fused check)
 
 
 def bilinear_matrix(src: int, dst: int) -> torch.Tensor:

@@ -31,6 +31,17 @@ def test_check_fails_loudly_on_a_broken_backend(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["nope", "cuda"])
+def test_check_rejects_unknown_or_unavailable_backend(name, monkeypatch, capsys):
+    from repa_fused import ops
+
+    if name == "cuda":
+        name = "cpp"
+        monkeypatch.setattr(ops.BACKENDS["cpp"], "devices", ())
+    assert cli.main(["check", "--backends", name]) == 2
+    assert name in capsys.readouterr().err
+
+
 def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     out_json, out_csv = tmp_path / "b.json", tmp_path / "b.csv"
     code = cli.main(["bench", "--cases", "sd15_min", "--reps", "1", "--no-compile", "--backends", "cpp",

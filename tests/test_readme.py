@@ -21,3 +21,7 @@ def test_ci_runs_the_readme_test_command():
     assert "./dev test" in text and "./dev bench" in text
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert "./dev test" in f.read()
+
+
+def test_no_unfilled_placeholder():
+    assert "PLACEHOLDER" not in readme()
