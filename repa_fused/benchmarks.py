@@ -288,7 +288,13 @@ def run_case(case: Case, device: torch.device, reps: int, backends: Optional[lis
             h.grad = None
             loss(h, y).backward()
 
-        times = time_ms(step, device, reps=reps)
+        try:
+            times = time_ms(step, device, reps=reps)
+        except Exception as error:  # noqa: BLE001 - e.g. torch.compile without a C++ compiler: say so, go on
+            rows.append({"case": case.name, "loss": case.loss, "variant": variant, "ms": None, "gpu_ms": None,
+                         "peak_extra_mib": None, "error": f"{type(error).__name__}: {error}"[:300]})
+            h.grad = None
+            continue
         ms = statistics.median(times)
         h.grad = None  # the baseline holds no gradient: the peak counts the new one
         peak = peak_extra_mib(step, device)
@@ -312,6 +318,8 @@ def run_case(case: Case, device: torch.device, reps: int, backends: Optional[lis
                 row[f"speedup_vs_{base}{suffix}"] = theirs / mine if theirs and mine else None
     for row in rows:  # work over time: on the GPU the graph-replay time, the cost inside a training step
         ms = row["gpu_ms"] or row["ms"]
+        if ms is None:
+            continue
         row["gbps"] = case.min_bytes(h.element_size()) / ms / 1e6
         row["tflops"] = case.min_flops() / ms / 1e9
         if ceilings:
@@ -367,14 +375,16 @@ def format_table(report: dict, markdown: bool = False) -> str:
     title = (f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}\n"
              f"copy {ceil['copy_gbps']:.0f} GB/s, {ceil['matmul_dtype']} matmul {ceil['matmul_tflops']:.3g} TFLOP/s"
              + (" | CPU-scaled cases (B/8, D/8)" if report.get("cpu_scaled") else ""))
+    errors = [f"{row['case']} {row['variant']} failed: {row['error']}" for row in report["results"] if row.get("error")]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
-        return title + "\n\n" + "\n".join(lines)
+        return title + "\n\n" + "\n".join(lines + errors)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     fmt_line = lambda cells: "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in
                                        enumerate(zip(cells, widths)))
-    return "\n".join([title, fmt_line(header), fmt_line(["-" * w for w in widths])] + [fmt_line(r) for r in body])
+    return "\n".join([title, fmt_line(header), fmt_line(["-" * w for w in widths])] + [fmt_line(r) for r in body]
+                     + errors)
 
 
 def write_json(report: dict, path: str) -> None:
@@ -385,7 +395,7 @@ def write_json(report: dict, path: str) -> None:
 def write_csv(report: dict, path: str) -> None:
     import csv
 
-    keys = list(report["results"][0].keys()) + ["device", "torch", "triton", "date"]
+    keys = list(dict.fromkeys(k for row in report["results"] for k in row)) + ["device", "torch", "triton", "date"]
     with open(path, "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=keys)
         writer.writeheader()

@@ -79,3 +79,19 @@ def test_counted_work():
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "repa_fused.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "check" in out.stdout and "bench" in out.stdout
+
+
+def test_bench_reports_a_failing_variant_and_goes_on(monkeypatch, tmp_path, capsys):
+    """torch.compile without a C++ compiler (say) must not end the run: the row says why."""
+    def broken(case):
+        def loss(h, y):
+            raise RuntimeError("no C++ compiler")
+        return loss
+
+    monkeypatch.setattr(benchmarks.torch, "compile", lambda fn, **kw: broken(None))
+    out_csv = tmp_path / "b.csv"
+    assert cli.main(["bench", "--cases", "sd15_min", "--reps", "1", "--backends", "cpp", "--csv", str(out_csv)]) == 0
+    table = capsys.readouterr().out
+    assert "sd15_min compile failed: RuntimeError: no C++ compiler" in table
+    rows = {r["variant"]: r for r in csv.DictReader(out_csv.open())}
+    assert rows["compile"]["error"] and float(rows["eager"]["ms"]) > 0
