@@ -14,8 +14,9 @@
 
 #include <ATen/ATen.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace repa {

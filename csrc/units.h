@@ -11,6 +11,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "resample.h"
 
 namespace repa {
