@@ -29,13 +29,13 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import repa_fused as rf
+from repa_fused import benchmarks
 from repa_fused.cache import FeatureCache, cache_features
 from repa_fused.decode import decode_latents
 from repa_fused.encoders import load_encoder
@@ -89,25 +89,7 @@ class Timer:
         self.device, self.reps, self.warmup = device, reps, warmup
 
     def __call__(self, fn, before=lambda: None, reps=None) -> dict:
-        cuda = self.device.type == "cuda"
-        for _ in range(self.warmup):
-            before()
-            fn()
-        times = []
-        for _ in range(reps or self.reps):
-            before()
-            if cuda:
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+        times = benchmarks.time_ms(fn, self.device, reps or self.reps, warmup=self.warmup, before=before)
         return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
 
 

@@ -14,7 +14,7 @@ import triton.language as tl
 from triton.testing import do_bench, do_bench_cudagraph
 
 import repa_fused as rf
-from repa_fused import reference
+from repa_fused import benchmarks, reference
 from repa_fused.kernels import cosine
 
 CASES = {  # name: (B, h_grid, y_grid, D, target)
@@ -44,19 +44,8 @@ def graph_ms(fn):
 
 
 def events_ms(fn, reps=100):
-    """The lead's harness style: events around each call, synchronised (includes host overhead)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    """The lead's harness: events around each call, synchronised (includes host overhead)."""
+    return statistics.median(benchmarks.time_ms(fn, torch.device("cuda"), reps, warmup=5))
 
 
 def copy_gbps():
@@ -98,12 +87,12 @@ def compare(copy):
             print(f"{case:6} {name:8} {ms:11.4f} {ev:10.4f} {res['eager'] / ms:8.2f}x "
                   f"{res.get('compile', ms) / ms:9.2f}x {gbps:7.0f} {100 * gbps / copy:6.1f}% {peak:9.1f} "
                   f"{h.numel() * h.element_size() / 2**20:9.1f}")
-        # Kernel split: forward alone, backward alone (scalars cached by the forward).
+        # Kernel split: forward alone, backward alone (on the scalars the forward saved).
         with torch.no_grad():
             fw = graph_ms(lambda: cosine.forward(h, y, *grids))
-            cosine.forward(h, y, *grids)
+            saved = cosine.forward(h, y, *grids)[1]
             g = torch.full((1, b), 1.0 / b, device="cuda")
-            bw = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
+            bw = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved))
         try:
             full = graph_ms(fwd_bwd(variants["triton"], h, y))
         except Exception as error:  # capture of autograd may be refused
@@ -134,12 +123,12 @@ def sweep():
                 print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
             cosine._forward_blocks = fwd_default
             cosine._forward_plan.cache_clear()
-            cosine.forward(h, y, *grids)
+            saved = cosine.forward(h, y, *grids)[1]
             for bj, bd, w in [(8, 256, 4), (16, 128, 4), (4, 256, 2), (8, 256, 8), (16, 256, 8), (8, 128, 2),
                               (4, 512, 4), (32, 64, 4)]:
                 cosine._backward_blocks = lambda cols, dim, c=(bj, bd, w): c
                 cosine._backward_plan.cache_clear()
-                ms = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False))
+                ms = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved))
                 print(f"{case} backward BLOCK_J={bj} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
             cosine._backward_blocks = bwd_default
             cosine._backward_plan.cache_clear()
@@ -174,7 +163,7 @@ def host_breakdown():
     h = torch.randn(1, 4, 8, device="cuda")
     y = torch.randn(1, 4, 8, device="cuda")
     grids = ((2, 2), (2, 2), (2, 2))
-    cosine.forward(h, y, *grids)
+    saved = cosine.forward(h, y, *grids)[1]
     g = torch.ones(1, 1, device="cuda")
     rows = {
         "python loop 1e5 adds": lambda: sum(range(100000)),
@@ -183,7 +172,7 @@ def host_breakdown():
         "triton launch, 1 arg": lambda: _noop1[(1,)](x),
         "triton launch, 30 args": lambda: _noop30[(1,)](x, *ints),
         "cosine.forward tiny": lambda: cosine.forward(h, y, *grids),
-        "cosine.backward tiny": lambda: cosine.backward(g, h, y, *grids, True, False),
+        "cosine.backward tiny": lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved),
         "functional fwd tiny, no grad": lambda: rf.cosine_alignment_loss(h, y, backend="triton"),
     }
     for name, fn in rows.items():
@@ -197,25 +186,9 @@ def overhead():
     y = torch.randn(1, 4, 8, device="cuda")
     for backend in ("triton", "reference"):
         step = fwd_bwd(lambda h, y: rf.cosine_alignment_loss(h, y, backend=backend), h, y)
-        for _ in range(20):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            step()
-        torch.cuda.synchronize()
-        print(f"tiny input fwd+bwd host overhead, {backend}: {(time.perf_counter() - t0) / 200 * 1e6:.1f} us/call")
+        print(f"tiny input fwd+bwd host overhead, {backend}: {host_us(step, n=200):.1f} us/call")
     eager = lambda h, y: reference.cosine_alignment(h, y, (2, 2), (2, 2), (2, 2)).mean()
-    step = fwd_bwd(eager, h, y)
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        step()
-    torch.cuda.synchronize()
-    print(f"tiny input fwd+bwd host overhead, plain eager autograd: {(time.perf_counter() - t0) / 200 * 1e6:.1f} us/call")
-
+    print(f"tiny input fwd+bwd host overhead, plain eager autograd: {host_us(fwd_bwd(eager, h, y), n=200):.1f} us/call")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

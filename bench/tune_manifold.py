@@ -17,7 +17,6 @@ import torch
 import triton
 from triton.testing import do_bench
 
-import repa_fused as rf
 from repa_fused import benchmarks
 from repa_fused.kernels import manifold as M
 

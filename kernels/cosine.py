@@ -27,11 +27,12 @@ Everything is a gather: each output element is written once, deterministic, no a
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from repa_fused.ops import triton_interpreter
 
 from .interp import adjoint_span, adjoint_start_table, axis_scale, axis_taps, load_lerp, load_resampled, tap_weight, token_taps
 
@@ -182,7 +183,7 @@ def _cosine_backward_kernel(
 # overhead is measurable on small inputs: see notes/cosine.md).
 
 # Under the interpreter a program costs far more than its size: larger tiles, fewer programs.
-_TILE = 8192 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 2048
+_TILE = 8192 if triton_interpreter() else 2048
 
 
 def _forward_blocks(dim: int) -> tuple[int, int, int]:

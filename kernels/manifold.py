@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from repa_fused import reference
+from repa_fused.ops import triton_interpreter
 
 from . import interp
 
@@ -341,10 +342,6 @@ def _adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height
 # Launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -377,7 +374,7 @@ class _Config:
 
     @classmethod
     def current(cls, element_size: int = 2) -> "_Config":
-        if _interpreting():
+        if triton_interpreter():
             return cls(16, 32, 1, 1, 16, 16, 32, 1, 1, 16, 16, 1, 1, 16, 32, 1, 8 * 2**10)
         if element_size > 2:
             return dataclasses.replace(CONFIG, fwd_block_k=CONFIG.fwd_block_k // 2,
@@ -406,9 +403,9 @@ class _Prepared:
         """constexprs of the tl.dot kernels: the operand dtype (fp32 under the interpreter, whose bf16
         arithmetic is wrong) and the fp32 precision PyTorch allows for matmuls (TF32 or IEEE)."""
         dtype = self.z.dtype
-        compute = tl.float32 if _interpreting() else _TL_DTYPES[dtype]
+        compute = tl.float32 if triton_interpreter() else _TL_DTYPES[dtype]
         tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-        return {"COMPUTE": compute, "PRECISION": "tf32" if tf32 and not _interpreting() else "ieee"}
+        return {"COMPUTE": compute, "PRECISION": "tf32" if tf32 and not triton_interpreter() else "ieee"}
 
 
 def _compute_dtype(h: torch.Tensor, y: torch.Tensor) -> torch.dtype:

@@ -98,6 +98,9 @@ def make_inputs(case: Case, device, dtype=torch.bfloat16, seed: int = 0):
     return h.requires_grad_(True), y
 
 
+MANIFOLD_WEIGHT = 3.0  # U-REPA's default weight, in every variant of a "urepa" case
+
+
 def eager_loss(case: Case) -> Callable:
     """The reference math with PyTorch's own autograd: what a trainer without this library runs."""
     grids = (case.h_grid, case.y_grid, case.target_grid)
@@ -105,7 +108,7 @@ def eager_loss(case: Case) -> Callable:
     def loss(h, y):
         if case.loss == "urepa":
             terms = reference.urepa(h, y, *grids).mean(-1)
-            return terms[0] + 3.0 * terms[1]
+            return terms[0] + MANIFOLD_WEIGHT * terms[1]
         fn = reference.cosine_alignment if case.loss == "cosine" else reference.manifold
         return fn(h, y, *grids).mean()
 
@@ -118,7 +121,7 @@ def backend_loss(case: Case, backend: str) -> Callable:
         return lambda h, y: functional.cosine_alignment_loss(h, y, **kwargs)
     if case.loss == "manifold":
         return lambda h, y: functional.manifold_loss(h, y, **kwargs)
-    return lambda h, y: functional.urepa_loss(h, y, manifold_weight=3.0, **kwargs)[0]
+    return lambda h, y: functional.urepa_loss(h, y, manifold_weight=MANIFOLD_WEIGHT, **kwargs)[0]
 
 
 def variants(case: Case, device: torch.device, backends: Optional[list[str]] = None,
@@ -141,13 +144,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3) -> list[float]:
-    """Per-call times in ms (CUDA events on a GPU, perf_counter on a CPU), after ``warmup`` calls."""
+def time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 3,
+            before: Callable[[], None] = lambda: None) -> list[float]:
+    """Per-call times in ms (CUDA events on a GPU, perf_counter on a CPU), after ``warmup`` calls.
+    ``before()`` runs untimed ahead of every call (e.g. to evict a file cache)."""
     for _ in range(warmup):
+        before()
         fn()
-    _synchronize(device)
     times = []
     for _ in range(reps):
+        before()
+        _synchronize(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -254,7 +261,6 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     mm_ms = statistics.median(time_ms(lambda: a @ b, device, reps=10 if device.type == "cuda" else 3))
-    del src, dst, a, b
     return {"copy_gbps": 2 * n_copy / copy_ms / 1e6, "matmul_tflops": 2 * size**3 / mm_ms / 1e9,
             "matmul_dtype": str(dtype).replace("torch.", "")}
 

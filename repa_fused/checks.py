@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import functional, ops, reference
+from . import functional, ops
 
 # (B, h_grid, y_grid, D, align)
 CHECK_CASES = [
@@ -114,10 +114,9 @@ def check_zero_vectors(backend: str, op: str, device) -> CheckResult:
 
 def check_gradcheck(backend: str, op: str, device) -> CheckResult:
     """fp64 gradcheck of the backend's op through the public API (h and y)."""
-    ok, note = True, ""
+    ok = True
     for case in GRADCHECK_CASES:
         h, y = _inputs(case, device, torch.float64, seed=7)
-        h[0, 0] = 1.0  # gradcheck's finite differences need a point where the normaliser is smooth
         h.requires_grad_(True)
         y.requires_grad_(True)
         try:

@@ -31,13 +31,18 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import benchmarks
+    from . import benchmarks, ops
 
     unknown = [name for name in (args.cases or []) if name not in benchmarks.CASES_BY_NAME]
     if unknown:
         raise SystemExit(f"repa-fused bench: unknown case(s) {unknown}; choose from "
                          f"{list(benchmarks.CASES_BY_NAME)}")
     device = _device_arg(args.device)
+    fused = [name for name in ops.available_backends(device) if name != "reference"]
+    missing = [name for name in (args.backends or []) if name not in fused]
+    if missing:
+        raise SystemExit(f"repa-fused bench: backend(s) {missing} are not fused backends available on {device}; "
+                         f"choose from {fused}")
     report = benchmarks.run(device, cases=args.cases, reps=args.reps, backends=args.backends,
                             with_compile=not args.no_compile, full_size=args.full_size,
                             log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -178,6 +178,7 @@ def _cpp_implementations() -> dict[str, tuple]:
 
 
 def triton_interpreter() -> bool:
+    """Triton kernels run under the CPU interpreter (CI): the kernels pick interpreter-friendly tiles."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -61,6 +61,12 @@ def test_bench_rejects_unknown_case():
         cli.main(["bench", "--cases", "nope"])
 
 
+@pytest.mark.parametrize("name", ["tritn", "reference"])
+def test_bench_rejects_a_backend_it_cannot_run(name):
+    with pytest.raises(SystemExit, match=f"backend\\(s\\) \\['{name}'\\]"):
+        cli.main(["bench", "--cases", "sd15_min", "--backends", name])
+
+
 def test_cpu_scaling_keeps_grids():
     for case in benchmarks.CASES:
         small = case.scaled_for_cpu()

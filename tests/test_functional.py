@@ -100,10 +100,19 @@ def test_encoder_output_from_inference_mode():
         assert torch.isfinite(h.grad).all()
 
 
-def test_float64_auto_runs_the_reference():
+def test_float64_auto_runs_the_reference(monkeypatch):
+    """float64 has no fused kernel: "auto" must not hand it to the device's fused backend."""
+    from repa_fused import ops
+
+    def fused_only(*args):
+        raise AssertionError("the fused backend was called")
+
+    monkeypatch.setattr(ops, "default_backend", lambda device: "cpp")
+    monkeypatch.setitem(ops.BACKENDS["cpp"].ops, "cosine", fused_only)
     h, y = make(dtype=torch.float64)
     out = rf.cosine_alignment_loss(h, y, reduction="none")
     assert out.dtype == torch.float64
+    monkeypatch.undo()
     torch.testing.assert_close(out, rf.cosine_alignment_loss(h, y, reduction="none", backend="reference"))
 
 
