@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -130,7 +131,7 @@ class URepaConfig(_AlignmentConfig):
 _ALIASES = {"crepa_encoder": "crepa_model"}
 
 # SimpleTuner keys for video CREPA: they have no effect on one image (a single frame has no neighbours),
-# so a SimpleTuner config that sets them loads unchanged.
+# so a SimpleTuner config that sets them loads, with a warning naming each.
 INERT_KEYS = frozenset({
     "crepa_adjacent_distance", "crepa_adjacent_tau", "crepa_cumulative_neighbors", "crepa_normalize_by_frames",
     "crepa_normalize_neighbour_sum", "crepa_drop_vae_encoder", "crepa_self_flow_mask_ratio",
@@ -237,7 +238,11 @@ def load_config(source: Union[Mapping[str, Any], str, os.PathLike, Config, None]
         key = name.lstrip("-") if isinstance(name, str) else name
         if not isinstance(key, str) or not key.startswith(PREFIXES):
             continue  # other trainer settings share the file
-        if key in INERT_KEYS or value is None:
+        if value is None:
+            continue
+        if key in INERT_KEYS:
+            warnings.warn(f"{key}={value!r} is a video-CREPA setting with no effect on single images: ignored",
+                          stacklevel=2)
             continue
         if key in _UNSUPPORTED:
             if value not in _UNSUPPORTED[key]:

@@ -87,10 +87,12 @@ def test_aliases_and_encoder_fallback():
 
 
 def test_simpletuner_video_keys_load_and_other_teachers_are_refused():
-    cfg = load_config({"crepa_enabled": True, "crepa_adjacent_distance": 2, "crepa_adjacent_tau": 0.5,
-                       "crepa_normalize_by_frames": False, "crepa_cumulative_neighbors": True,
-                       "crepa_use_backbone_features": False, "crepa_feature_source": "encoder"})
+    with pytest.warns(UserWarning, match="crepa_adjacent_distance=2 is a video-CREPA setting") as caught:
+        cfg = load_config({"crepa_enabled": True, "crepa_adjacent_distance": 2, "crepa_adjacent_tau": 0.5,
+                           "crepa_normalize_by_frames": False, "crepa_cumulative_neighbors": True,
+                           "crepa_use_backbone_features": False, "crepa_feature_source": "encoder"})
     assert cfg.repa.enabled
+    assert len(caught) == 4  # one warning per inert key, none for the supported teacher settings
     for key, value in (("crepa_use_backbone_features", True), ("crepa_feature_source", "self_flow"),
                        ("crepa_self_flow", True), ("crepa_teacher_block_index", 16)):
         with pytest.raises(ValueError, match=f"{key}=.* is not supported"):
