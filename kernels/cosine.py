@@ -34,7 +34,7 @@ import triton.language as tl
 
 from repa_fused.ops import triton_interpreter
 
-from .interp import adjoint_span, adjoint_start_table, axis_scale, axis_taps, load_lerp, load_resampled, tap_weight, token_taps
+from .interp import adjoint_blocks, adjoint_span, adjoint_start_table, axis_scale, axis_taps, load_lerp, load_resampled, tap_weight, token_taps
 
 NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -178,6 +178,90 @@ def _cosine_backward_kernel(
     tl.store(p_out, (coef * acc).to(out_ptr.dtype.element_ty), mask=j_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _store_row(out_base, row, j, x_cols, dim, offs, mask, acc, coef):
+    p_out = out_base + (row * x_cols + j)[:, None] * dim + offs[None, :]
+    tl.store(p_out, (coef * acc).to(out_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cosine_backward_band_kernel(
+    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, table_ptr,
+    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, col_tiles,
+    x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
+    z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
+    neg_inv_n,
+    Z_IDENTITY: tl.constexpr, BAND_ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPAN_C: tl.constexpr,
+):
+    """One program: a band of BAND_ROWS source rows of x, BLOCK_J source columns, BLOCK_D features.
+    It sweeps down the target rows that read the band, building each target row's gradient once
+    (BLOCK_C target columns), takes it to the source columns with the column adjoint (a register
+    gather over the SPAN_C targets per column) and adds it, with the row weights, to the one or two
+    source rows it reads. Target rows only move forward in source rows (r0 is non-decreasing), so a
+    source row is complete, and stored, as soon as a target row starts past it.
+
+    table: int32 [start_c (x_cols) | first target column of each column tile (col_tiles) |
+    per band, the [lo, hi) run of target rows that read it]."""
+    pid = tl.program_id(0)
+    jt = pid // d_blocks
+    db = pid % d_blocks
+    # Reverse order of the forward: the first rows here are the last ones the forward read.
+    band = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = batch - 1 - tl.program_id(2)
+    i0 = band * BAND_ROWS
+    i1 = tl.minimum(i0 + BAND_ROWS, x_rows)
+    r_lo = tl.load(table_ptr + x_cols + col_tiles + 2 * band)
+    r_hi = tl.load(table_ptr + x_cols + col_tiles + 2 * band + 1)
+    c_lo = tl.load(table_ptr + x_cols + jt)
+    c = c_lo + tl.arange(0, BLOCK_C)
+    c_mask = c < width_t
+    j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j < x_cols
+    offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs < dim
+    m_c = c_mask[:, None] & d_mask[None, :]
+    m_j = j_mask[:, None] & d_mask[None, :]
+    start_c = tl.load(table_ptr + j, mask=j_mask, other=0)
+    x_base = x_ptr + b.to(tl.int64) * x_sb
+    z_base = z_ptr + b.to(tl.int64) * z_sb
+    out_base = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim
+    s_base = scal_ptr + b * n_tokens
+    coef = tl.load(grad_ptr + b) * neg_inv_n
+    acc_a = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur`
+    acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur + 1`
+    cur = i0
+    for k_r in range(r_hi - r_lo):
+        r = r_lo + k_r
+        r0, r1, lam = axis_taps(r, x_scale_r, x_rows)
+        while (cur < r0) & (cur < i1):  # rows above r0 get nothing more: store them
+            _store_row(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, coef)
+            acc_a = acc_b
+            acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
+            cur += 1
+        w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
+        w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
+        if (w_a != 0.0) | (w_b != 0.0):
+            t = r * width_t + c
+            b_x = load_resampled(x_base, t, x_sn, offs * x_sd, m_c, width_t, x_rows, x_cols, x_scale_r,
+                                 x_scale_c, False)
+            g = _target_gradient(b_x, z_base, t, c_mask, m_c, s_base, own_offset, z_sn, offs * z_sd, width_t,
+                                 z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
+            u = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
+            for k in tl.static_range(SPAN_C):
+                c_k = start_c + k
+                w_c = tap_weight(j, c_k, width_t, x_scale_c, x_cols)
+                idx = tl.minimum(tl.maximum(c_k - c_lo, 0), BLOCK_C - 1)
+                u += w_c[:, None] * tl.gather(g, tl.broadcast_to(idx[:, None], (BLOCK_J, BLOCK_D)), 0)
+            acc_a += w_a * u
+            acc_b += w_b * u
+    while cur < i1:
+        _store_row(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, coef)
+        acc_a = acc_b
+        acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
+        cur += 1
+
+
 # --------------------------------------------------------------------------------------------------
 # Host side. Everything that depends only on shapes is computed once per shape (the eager per-call
 # overhead is measurable on small inputs: see notes/cosine.md).
@@ -239,6 +323,45 @@ def _backward_plan(batch: int, n_x: int, dim: int, x_grid, z_grid, target_grid, 
     return (triton.cdiv(xc, block_j) * d_blocks, xr, batch), args, meta
 
 
+def _band_blocks(cols: int, dim: int) -> tuple[int, int, int, int]:
+    """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps) of the band backward: up to 64 source columns per tile,
+    features to fill 2048-element tiles."""
+    block_j = min(triton.next_power_of_2(cols), 64)
+    return 8, block_j, max(min(triton.next_power_of_2(dim), _TILE // block_j), 1), 4
+
+
+@functools.lru_cache(maxsize=512)
+def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int):
+    """(launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band backward."""
+    n_tokens = target_grid[0] * target_grid[1]
+    xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
+    zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
+    band_rows, block_j, block_d, warps = _band_blocks(xc, dim)
+    start_c, span_c = adjoint_span(xc, target_grid[1])
+    col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
+    row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
+    block_c = triton.next_power_of_2(max(max(hi - lo for lo, hi in col_ranges), 1))
+    table = list(start_c) + [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
+    d_blocks = triton.cdiv(dim, block_d)
+    args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
+            len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
+    meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
+                SPAN_C=span_c, num_warps=warps)
+    return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
+
+
+_TABLES: dict = {}
+
+
+def _device_table(values: tuple, device: torch.device) -> torch.Tensor:
+    """An int32 copy of ``values`` on ``device``, made once."""
+    key = (values, device)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = torch.tensor(values, dtype=torch.int32, device=device)
+    return table
+
+
 # Per-sample ticket counters of the forward's last-program reduction, one buffer per device; every
 # launch leaves them at 0. Launches that overlap on two streams of one device would share them: the
 # ops run on the current stream, one after the other.
@@ -283,16 +406,26 @@ def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid):
     return _launch_forward(h, y, h_grid, y_grid, target_grid)
 
 
+# Which kernel takes resampled inputs back to their grid: "band" (each target row built once) or
+# "gather" (each source token gathers its targets; the first version, kept for comparison in bench/).
+RESAMPLED_BACKWARD = "band"
+
+
 def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
     """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
     batch, n_x, dim = x.shape
+    out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
+    if tuple(x_grid) != tuple(target_grid) and RESAMPLED_BACKWARD == "band":
+        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row)
+        _cosine_backward_band_kernel[grid](x, z, out, scal, grad, _device_table(table, x.device), *args[:12],
+                                           *x.stride(), *args[12:16], *z.stride(), args[16], **meta)
+        return out
     grid, args, meta = _backward_plan(batch, n_x, dim, x_grid, z_grid, target_grid, own_row)
     if meta["X_IDENTITY"]:
         start_r = start_c = scal  # not read
     else:
         start_r = adjoint_start_table(x_grid[0], target_grid[0], x.device)[0]
         start_c = adjoint_start_table(x_grid[1], target_grid[1], x.device)[0]
-    out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
     _cosine_backward_kernel[grid](x, z, out, scal, grad, start_r, start_c, *args[:13], *x.stride(),
                                   *args[13:17], *z.stride(), args[17], **meta)
     return out

@@ -107,13 +107,9 @@ def _taps_fp32(src: int, dst: int, fused: bool) -> tuple[np.ndarray, np.ndarray]
     return r0, np.minimum(r0 + 1, src - 1)
 
 
-@functools.lru_cache(maxsize=256)
-def adjoint_span(src: int, dst: int) -> tuple[tuple[int, ...], int]:
-    """(start, K) for the adjoint gather along one axis of ``src`` source and ``dst`` target cells:
-    every target that reads source i lies in start[i] … start[i] + K − 1 (a superset; the kernel's
-    :func:`tap_weight` is 0 outside the true set). Identity axes give start[i] = i, K = 1."""
-    if src == dst:
-        return tuple(range(src)), 1
+def _reader_bounds(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) target index that reads each source index, over both roundings of the taps
+    (a superset of the kernel's own); a source that no target reads gets last = −1."""
     first = np.full(src, dst, dtype=np.int64)
     last = np.full(src, -1, dtype=np.int64)
     targets = np.arange(dst)
@@ -121,10 +117,36 @@ def adjoint_span(src: int, dst: int) -> tuple[tuple[int, ...], int]:
         for taps in _taps_fp32(src, dst, fused):
             np.minimum.at(first, taps, targets)
             np.maximum.at(last, taps, targets)
+    return first, last
+
+
+@functools.lru_cache(maxsize=256)
+def adjoint_span(src: int, dst: int) -> tuple[tuple[int, ...], int]:
+    """(start, K) for the adjoint gather along one axis of ``src`` source and ``dst`` target cells:
+    every target that reads source i lies in start[i] … start[i] + K − 1 (a superset; the kernel's
+    :func:`tap_weight` is 0 outside the true set). Identity axes give start[i] = i, K = 1."""
+    if src == dst:
+        return tuple(range(src)), 1
+    first, last = _reader_bounds(src, dst)
     # A source that no target reads (downsampling by > 2) gets an empty run at 0: zero gradient.
     unread = last < 0
     first[unread], last[unread] = 0, 0
     return tuple(int(v) for v in first), int((last - first).max()) + 1
+
+
+@functools.lru_cache(maxsize=256)
+def adjoint_blocks(src: int, dst: int, block: int) -> tuple[tuple[int, int], ...]:
+    """For each run of ``block`` consecutive source indices, the range [lo, hi) of the targets that read
+    any of them (a superset, as :func:`adjoint_span`; (0, 0) when none does)."""
+    first, last = _reader_bounds(src, dst)
+    ranges = []
+    for i0 in range(0, src, block):
+        read = last[i0:i0 + block] >= 0
+        if read.any():
+            ranges.append((int(first[i0:i0 + block][read].min()), int(last[i0:i0 + block][read].max()) + 1))
+        else:
+            ranges.append((0, 0))
+    return tuple(ranges)
 
 
 _START_TABLES: dict = {}

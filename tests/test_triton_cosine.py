@@ -15,7 +15,10 @@ pytestmark = pytest.mark.skipif("triton" not in ops.available_backends("cuda" if
 
 # Beyond the odd cases: D = 77 with resampling on both sides, and D larger than one block of the
 # forward (256) and of the backward (128), so that both kernels tile over D.
-CASES = ODD_CASES + [(2, (5, 4), (3, 3), 77, "y"), (2, (3, 3), (4, 2), 300, "min")]
+# Then grids that take the band backward through several bands of source rows, several column tiles,
+# and sources that no target reads (downsampling by more than 2).
+CASES = ODD_CASES + [(2, (5, 4), (3, 3), 77, "y"), (2, (3, 3), (4, 2), 300, "min"),
+                     (1, (19, 70), (7, 37), 5, "y"), (2, (10, 3), (23, 5), 4, "y"), (1, (20, 9), (6, 2), 3, "y")]
 LOW_PRECISION_CASES = [ODD_CASES[2], ODD_CASES[5], CASES[-2]]
 
 
@@ -52,6 +55,14 @@ def check(case, dtype, tol_loss, tol_grad, device="cpu", y_dtype=None, seed=0):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fp32_matches_reference(case):
+    check(case, torch.float32, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["band", "gather"])
+@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[-3], CASES[-1]], ids=str)
+def test_both_resampled_backward_kernels(case, kernel, monkeypatch):
+    from repa_fused.kernels import cosine
+    monkeypatch.setattr(cosine, "RESAMPLED_BACKWARD", kernel)
     check(case, torch.float32, 1e-5, 1e-5)
 
 
