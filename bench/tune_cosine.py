@@ -20,6 +20,7 @@ from repa_fused.kernels import cosine
 CASES = {  # name: (B, h_grid, y_grid, D, target)
     "sit": (32, (16, 16), (16, 16), 768, (16, 16)),
     "flux": (4, (64, 64), (37, 37), 1536, (37, 37)),
+    "up": (2, (32, 32), (37, 37), 1152, (37, 37)),  # h upsampled to the encoder grid
 }
 
 
@@ -107,31 +108,43 @@ def compare(copy):
 
 
 def sweep():
-    """Block sizes of each kernel on the Flux and SiT cases (kernel time only)."""
-    fwd_default, bwd_default = cosine._forward_blocks, cosine._backward_blocks
+    """Block sizes of each kernel, and the two kernels for resampled inputs (kernel time only)."""
+    fwd_default, bwd_default, band_default = cosine._forward_blocks, cosine._backward_blocks, cosine._band_blocks
     for case in CASES:
         b, hg, yg, d, tg = CASES[case]
         h, y = inputs(case)
         grids = (hg, yg, tg)
         g = torch.full((1, b), 1.0 / b, device="cuda")
         with torch.no_grad():
-            for bt, bd, w in [(16, 128, 4), (8, 128, 4), (8, 256, 4), (32, 64, 4), (16, 128, 8), (4, 256, 2),
-                              (8, 128, 2)]:
-                cosine._forward_blocks = lambda dim, c=(bt, bd, w): c
+            for bt, bd, w, u in [(16, 128, 4, 1), (8, 128, 4, 1), (16, 128, 4, 2), (8, 128, 4, 2), (8, 128, 4, 4),
+                                 (8, 64, 2, 4), (4, 128, 2, 4), (16, 64, 4, 4), (8, 256, 8, 2), (32, 64, 4, 2)]:
+                cosine._forward_blocks = lambda dim, c=(bt, bd, w, u): c
                 cosine._forward_plan.cache_clear()
                 ms = graph_ms(lambda: cosine.forward(h, y, *grids))
-                print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
+                print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w} unroll={u}: {ms:.4f} ms")
             cosine._forward_blocks = fwd_default
             cosine._forward_plan.cache_clear()
             saved = cosine.forward(h, y, *grids)[1]
-            for bj, bd, w in [(8, 256, 4), (16, 128, 4), (4, 256, 2), (8, 256, 8), (16, 256, 8), (8, 128, 2),
-                              (4, 512, 4), (32, 64, 4)]:
+            bwd = lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved)
+            cosine.RESAMPLED_BACKWARD = "gather"
+            for bj, bd, w in [(8, 256, 4), (16, 128, 4)]:
                 cosine._backward_blocks = lambda cols, dim, c=(bj, bd, w): c
                 cosine._backward_plan.cache_clear()
-                ms = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved))
-                print(f"{case} backward BLOCK_J={bj} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
+                print(f"{case} backward gather BLOCK_J={bj} BLOCK_D={bd} warps={w}: {graph_ms(bwd):.4f} ms")
             cosine._backward_blocks = bwd_default
             cosine._backward_plan.cache_clear()
+            cosine.RESAMPLED_BACKWARD = "band"
+            if hg == tg:
+                continue
+            for rows, bj, bd, w in [(8, 64, 32, 4), (4, 64, 32, 4), (16, 64, 32, 4), (8, 64, 64, 4),
+                                    (8, 64, 64, 8), (8, 64, 16, 2), (8, 64, 32, 2), (16, 64, 64, 8),
+                                    (4, 64, 16, 4), (32, 64, 32, 4), (8, 32, 64, 4)]:
+                cosine._band_blocks = lambda cols, dim, c=(rows, bj, bd, w): c
+                cosine._band_plan.cache_clear()
+                print(f"{case} backward band BAND_ROWS={rows} BLOCK_J={bj} BLOCK_D={bd} warps={w}: "
+                      f"{graph_ms(bwd):.4f} ms")
+            cosine._band_blocks = band_default
+            cosine._band_plan.cache_clear()
 
 
 @triton.jit
