@@ -194,17 +194,21 @@ def _cosine_backward_band_kernel(
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
     neg_inv_n,
     Z_IDENTITY: tl.constexpr, BAND_ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPAN_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: a band of BAND_ROWS source rows of x, BLOCK_J source columns, BLOCK_D features.
     It sweeps down the target rows that read the band, building each target row's gradient once
-    (BLOCK_C target columns), takes it to the source columns with the column adjoint (a register
-    gather over the SPAN_C targets per column) and adds it, with the row weights, to the one or two
-    source rows it reads. Target rows only move forward in source rows (r0 is non-decreasing), so a
-    source row is complete, and stored, as soon as a target row starts past it.
+    (BLOCK_C target columns), takes it to the source columns with the column adjoint and adds it, with
+    the row weights, to the one or two source rows it reads. Target rows only move forward in source
+    rows (r0 is non-decreasing), so a source row is complete, and stored, as soon as a target row
+    starts past it.
 
-    table: int32 [start_c (x_cols) | first target column of each column tile (col_tiles) |
-    per band, the [lo, hi) run of target rows that read it]."""
+    The column adjoint is a small matrix product U = W·G with W[j, c] the weight with which target
+    column c reads source column j (the same for every row, built once): the tensor cores do it, at
+    PRECISION (tf32 where the gradient is stored in 16 bits, tf32x3 ≈ fp32 otherwise).
+
+    table: int32 [first target column of each column tile (col_tiles) | per band, the [lo, hi) run of
+    target rows that read it]."""
     pid = tl.program_id(0)
     jt = pid // d_blocks
     db = pid % d_blocks
@@ -213,9 +217,9 @@ def _cosine_backward_band_kernel(
     b = batch - 1 - tl.program_id(2)
     i0 = band * BAND_ROWS
     i1 = tl.minimum(i0 + BAND_ROWS, x_rows)
-    r_lo = tl.load(table_ptr + x_cols + col_tiles + 2 * band)
-    r_hi = tl.load(table_ptr + x_cols + col_tiles + 2 * band + 1)
-    c_lo = tl.load(table_ptr + x_cols + jt)
+    r_lo = tl.load(table_ptr + col_tiles + 2 * band)
+    r_hi = tl.load(table_ptr + col_tiles + 2 * band + 1)
+    c_lo = tl.load(table_ptr + jt)
     c = c_lo + tl.arange(0, BLOCK_C)
     c_mask = c < width_t
     j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -224,7 +228,7 @@ def _cosine_backward_band_kernel(
     d_mask = offs < dim
     m_c = c_mask[:, None] & d_mask[None, :]
     m_j = j_mask[:, None] & d_mask[None, :]
-    start_c = tl.load(table_ptr + j, mask=j_mask, other=0)
+    w_cols = tl.where(j_mask[:, None], tap_weight(j[:, None], c[None, :], width_t, x_scale_c, x_cols), 0.0)
     x_base = x_ptr + b.to(tl.int64) * x_sb
     z_base = z_ptr + b.to(tl.int64) * z_sb
     out_base = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim
@@ -249,12 +253,7 @@ def _cosine_backward_band_kernel(
                                  x_scale_c, False)
             g = _target_gradient(b_x, z_base, t, c_mask, m_c, s_base, own_offset, z_sn, offs * z_sd, width_t,
                                  z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
-            u = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
-            for k in tl.static_range(SPAN_C):
-                c_k = start_c + k
-                w_c = tap_weight(j, c_k, width_t, x_scale_c, x_cols)
-                idx = tl.minimum(tl.maximum(c_k - c_lo, 0), BLOCK_C - 1)
-                u += w_c[:, None] * tl.gather(g, tl.broadcast_to(idx[:, None], (BLOCK_J, BLOCK_D)), 0)
+            u = tl.dot(w_cols, g, input_precision=PRECISION)
             acc_a += w_a * u
             acc_b += w_b * u
     while cur < i1:
@@ -327,29 +326,28 @@ def _backward_plan(batch: int, n_x: int, dim: int, x_grid, z_grid, target_grid, 
 
 
 def _band_blocks(cols: int, dim: int) -> tuple[int, int, int, int]:
-    """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps) of the band backward: up to 64 source columns per tile,
-    features to fill 2048-element tiles."""
-    block_j = min(triton.next_power_of_2(cols), 64)
-    return 8, block_j, max(min(triton.next_power_of_2(dim), _TILE // block_j), 1), 4
+    """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps) of the band backward: 16 to 32 source columns per tile
+    (a matrix product needs 16), features to fill 2048-element tiles."""
+    block_j = 16
+    return 8, block_j, max(min(triton.next_power_of_2(dim), 1024 // block_j), 16), 4
 
 
 @functools.lru_cache(maxsize=512)
-def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int):
+def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, dtype: torch.dtype):
     """(launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band backward."""
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
     band_rows, block_j, block_d, warps = _band_blocks(xc, dim)
-    start_c, span_c = adjoint_span(xc, target_grid[1])
     col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
-    block_c = triton.next_power_of_2(max(max(hi - lo for lo, hi in col_ranges), 1))
-    table = list(start_c) + [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
+    block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
+    table = [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
     d_blocks = triton.cdiv(dim, block_d)
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
             len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
-                SPAN_C=span_c, num_warps=warps)
+                PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", num_warps=warps)
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
 
@@ -419,7 +417,7 @@ def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
     batch, n_x, dim = x.shape
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
     if tuple(x_grid) != tuple(target_grid) and RESAMPLED_BACKWARD == "band":
-        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row)
+        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype)
         _cosine_backward_band_kernel[grid](x, z, out, scal, grad, _device_table(table, x.device), *args[:12],
                                            *x.stride(), *args[12:16], *z.stride(), args[16], **meta)
         return out
