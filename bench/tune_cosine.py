@@ -135,9 +135,9 @@ def sweep():
             cosine.RESAMPLED_BACKWARD = "band"
             if hg == tg:
                 continue
-            for rows, bj, bd, w in [(8, 16, 64, 4), (8, 32, 32, 4), (8, 32, 64, 8), (8, 16, 128, 4),
-                                    (8, 16, 32, 2), (4, 16, 64, 4), (16, 16, 64, 4), (8, 16, 128, 8),
-                                    (16, 32, 64, 8), (4, 32, 32, 4), (8, 16, 16, 1), (8, 32, 16, 2)]:
+            for rows, bj, bd, w in [(8, 16, 64, 4), (4, 16, 64, 4), (8, 16, 32, 4), (4, 16, 32, 4), (8, 16, 32, 2),
+                                    (4, 16, 32, 2), (8, 32, 32, 4), (4, 32, 32, 4), (8, 16, 128, 8), (4, 16, 64, 8),
+                                    (2, 16, 64, 4), (16, 16, 32, 2)]:
                 cosine._band_blocks = lambda cols, dim, c=(rows, bj, bd, w): c
                 cosine._band_plan.cache_clear()
                 print(f"{case} backward band BAND_ROWS={rows} BLOCK_J={bj} BLOCK_D={bd} warps={w}: "

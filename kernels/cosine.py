@@ -34,7 +34,8 @@ import triton.language as tl
 
 from repa_fused.ops import triton_interpreter
 
-from .interp import adjoint_blocks, adjoint_span, adjoint_start_table, axis_scale, axis_taps, load_lerp, load_resampled, tap_weight, token_taps
+from .interp import (adjoint_blocks, adjoint_span, adjoint_start_table, axis_scale, axis_taps, combine_taps, load_lerp,
+                     load_resampled, load_taps, tap_weight, token_taps)
 
 NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -237,8 +238,35 @@ def _cosine_backward_band_kernel(
     acc_a = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur`
     acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur + 1`
     cur = i0
+    offs_x = offs * x_sd
+    offs_z = offs * z_sd
+    # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic
+    # (the loop has data-dependent control flow, which Triton's pipeliner does not take).
+    t_next = r_lo * width_t + c
+    # (a [BLOCK_C] comparison, not a scalar one: the interpreter rejects scalar & tensor masks)
+    c_next = c_mask & (c * 0 + r_lo < r_hi)
+    m_next = c_next[:, None] & d_mask[None, :]
+    x00, x01, x10, x11 = load_taps(x_base, t_next, x_sn, offs_x, m_next, width_t, x_rows, x_cols, x_scale_r,
+                                   x_scale_c, False)
+    z00, z01, z10, z11 = load_taps(z_base, t_next, z_sn, offs_z, m_next, width_t, z_rows, z_cols, z_scale_r,
+                                   z_scale_c, Z_IDENTITY)
+    s0 = tl.load(s_base + t_next, mask=c_next, other=0.0)
+    s_own = tl.load(s_base + own_offset + t_next, mask=c_next, other=0.0)
     for k_r in range(r_hi - r_lo):
         r = r_lo + k_r
+        t = r * width_t + c
+        b_x = combine_taps(x00, x01, x10, x11, t, width_t, x_rows, x_cols, x_scale_r, x_scale_c, False)
+        b_z = combine_taps(z00, z01, z10, z11, t, width_t, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
+        g = s0[:, None] * b_z - s_own[:, None] * b_x
+        t_next = t + width_t
+        c_next = c_mask & (c * 0 + r + 1 < r_hi)
+        m_next = c_next[:, None] & d_mask[None, :]
+        x00, x01, x10, x11 = load_taps(x_base, t_next, x_sn, offs_x, m_next, width_t, x_rows, x_cols,
+                                       x_scale_r, x_scale_c, False)
+        z00, z01, z10, z11 = load_taps(z_base, t_next, z_sn, offs_z, m_next, width_t, z_rows, z_cols,
+                                       z_scale_r, z_scale_c, Z_IDENTITY)
+        s0 = tl.load(s_base + t_next, mask=c_next, other=0.0)
+        s_own = tl.load(s_base + own_offset + t_next, mask=c_next, other=0.0)
         r0, r1, lam = axis_taps(r, x_scale_r, x_rows)
         while (cur < r0) & (cur < i1):  # rows above r0 get nothing more: store them
             _store_row(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, coef)
@@ -247,15 +275,9 @@ def _cosine_backward_band_kernel(
             cur += 1
         w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
         w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
-        if (w_a != 0.0) | (w_b != 0.0):
-            t = r * width_t + c
-            b_x = load_resampled(x_base, t, x_sn, offs * x_sd, m_c, width_t, x_rows, x_cols, x_scale_r,
-                                 x_scale_c, False)
-            g = _target_gradient(b_x, z_base, t, c_mask, m_c, s_base, own_offset, z_sn, offs * z_sd, width_t,
-                                 z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
-            u = tl.dot(w_cols, g, input_precision=PRECISION)
-            acc_a += w_a * u
-            acc_b += w_b * u
+        u = tl.dot(w_cols, g, input_precision=PRECISION)
+        acc_a += w_a * u
+        acc_b += w_b * u
     while cur < i1:
         _store_row(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, coef)
         acc_a = acc_b

@@ -90,6 +90,39 @@ def load_resampled(base, t, stride_n, offs_d, mask, width_t, height_s, width_s, 
         return load_lerp(base, n00, n01, n10, n11, w00, w01, w10, w11, stride_n, offs_d, mask)
 
 
+@triton.jit
+def load_taps(base, t, stride_n, offs_d, mask, width_t, height_s, width_s, scale_h, scale_w,
+              IDENTITY: tl.constexpr):
+    """The raw tiles (input dtype, no arithmetic) of the 4 taps of target tokens ``t``, for a caller that
+    issues loads early and combines them later with :func:`combine_taps`; with ``IDENTITY`` the token
+    itself, once (returned 4 times)."""
+    if IDENTITY:
+        v = tl.load(base + t[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+        return v, v, v, v
+    else:
+        n00, n01, n10, n11, w00, w01, w10, w11 = token_taps(t, width_t, height_s, width_s, scale_h, scale_w)
+        d = offs_d[None, :]
+        return (tl.load(base + n00[:, None] * stride_n + d, mask=mask, other=0.0),
+                tl.load(base + n01[:, None] * stride_n + d, mask=mask, other=0.0),
+                tl.load(base + n10[:, None] * stride_n + d, mask=mask, other=0.0),
+                tl.load(base + n11[:, None] * stride_n + d, mask=mask, other=0.0))
+
+
+@triton.jit
+def combine_taps(v00, v01, v10, v11, t, width_t, height_s, width_s, scale_h, scale_w, IDENTITY: tl.constexpr):
+    """fp32 tile of the resampled values from :func:`load_taps`' tiles (the same weights as
+    :func:`load_lerp`)."""
+    if IDENTITY:
+        return v00.to(tl.float32)
+    else:
+        n00, n01, n10, n11, w00, w01, w10, w11 = token_taps(t, width_t, height_s, width_s, scale_h, scale_w)
+        acc = w00[:, None] * v00.to(tl.float32)
+        acc += w01[:, None] * v01.to(tl.float32)
+        acc += w10[:, None] * v10.to(tl.float32)
+        acc += w11[:, None] * v11.to(tl.float32)
+        return acc
+
+
 # --------------------------------------------------------------------------------------------------
 # Host side: the run of targets that read each source index, for the adjoint gather.
 
