@@ -116,11 +116,11 @@ def sweep():
         grids = (hg, yg, tg)
         g = torch.full((1, b), 1.0 / b, device="cuda")
         with torch.no_grad():
-            for bt, bd, w, u in [(16, 128, 4, 1), (4, 128, 2, 1), (4, 256, 4, 1), (8, 128, 8, 1)]:
-                cosine._forward_blocks = lambda dim, c=(bt, bd, w, u): c
+            for bt, bd, w in [(16, 128, 4), (8, 128, 4), (8, 128, 2), (4, 256, 4), (16, 64, 4), (32, 64, 4)]:
+                cosine._forward_blocks = lambda dim, c=(bt, bd, w): c
                 cosine._forward_plan.cache_clear()
                 ms = graph_ms(lambda: cosine.forward(h, y, *grids))
-                print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w} unroll={u}: {ms:.4f} ms")
+                print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
             cosine._forward_blocks = fwd_default
             cosine._forward_plan.cache_clear()
             saved = cosine.forward(h, y, *grids)[1]

@@ -49,7 +49,7 @@ def _cosine_forward_kernel(
     y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
     neg_inv_n,
     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_UNROLL: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks. The last
     program of sample b to finish
@@ -61,32 +61,28 @@ def _cosine_forward_kernel(
     t_mask = t < n_tokens
     h_base = h_ptr + b.to(tl.int64) * h_sb
     y_base = y_ptr + b.to(tl.int64) * y_sb
-    # Taps once per program, outside the D loop.
-    if not H_IDENTITY:
-        hn00, hn01, hn10, hn11, hw00, hw01, hw10, hw11 = token_taps(t, width_t, h_rows, h_cols,
-                                                                    h_scale_r, h_scale_c)
-    if not Y_IDENTITY:
-        yn00, yn01, yn10, yn11, yw00, yw01, yw10, yw11 = token_taps(t, width_t, y_rows, y_cols,
-                                                                    y_scale_r, y_scale_c)
     b_hh = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_yy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_hy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    # D_UNROLL chunks per iteration: their loads are independent, so they can be in flight together.
-    for d0 in range(0, dim, BLOCK_D * D_UNROLL):
-        for u in tl.static_range(D_UNROLL):
-            offs = d0 + u * BLOCK_D + tl.arange(0, BLOCK_D)
-            m = t_mask[:, None] & (offs < dim)[None, :]
-            if H_IDENTITY:
-                b_h = tl.load(h_base + t[:, None] * h_sn + (offs * h_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-            else:
-                b_h = load_lerp(h_base, hn00, hn01, hn10, hn11, hw00, hw01, hw10, hw11, h_sn, offs * h_sd, m)
-            if Y_IDENTITY:
-                b_y = tl.load(y_base + t[:, None] * y_sn + (offs * y_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-            else:
-                b_y = load_lerp(y_base, yn00, yn01, yn10, yn11, yw00, yw01, yw10, yw11, y_sn, offs * y_sd, m)
-            b_hh += b_h * b_h
-            b_yy += b_y * b_y
-            b_hy += b_h * b_y
+    # Software pipelining by hand: the raw tap tiles of chunk d + 1 are loaded before chunk d is combined.
+    offs = tl.arange(0, BLOCK_D)
+    m = t_mask[:, None] & (offs < dim)[None, :]
+    h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
+                                   H_IDENTITY)
+    y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
+                                   Y_IDENTITY)
+    for d0 in range(0, dim, BLOCK_D):
+        b_h = combine_taps(h00, h01, h10, h11, t, width_t, h_rows, h_cols, h_scale_r, h_scale_c, H_IDENTITY)
+        b_y = combine_taps(y00, y01, y10, y11, t, width_t, y_rows, y_cols, y_scale_r, y_scale_c, Y_IDENTITY)
+        offs = d0 + BLOCK_D + tl.arange(0, BLOCK_D)
+        m = t_mask[:, None] & (offs < dim)[None, :]
+        h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r,
+                                       h_scale_c, H_IDENTITY)
+        y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r,
+                                       y_scale_c, Y_IDENTITY)
+        b_hh += b_h * b_h
+        b_yy += b_y * b_y
+        b_hy += b_h * b_y
     norm_h = tl.sqrt(tl.sum(b_hh, 1))
     norm_y = tl.sqrt(tl.sum(b_yy, 1))
     r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
@@ -293,11 +289,10 @@ def _cosine_backward_band_kernel(
 _TILE = 8192 if triton_interpreter() else 2048
 
 
-def _forward_blocks(dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps, D_UNROLL): 2048-element tiles, D chunks of up to 128 (measured:
-    notes/cosine.md)."""
+def _forward_blocks(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 128 (measured: notes/cosine.md)."""
     block_d = min(triton.next_power_of_2(dim), 128)
-    return max(_TILE // block_d, 1), block_d, 4, 1
+    return max(_TILE // block_d, 1), block_d, 4
 
 
 def _backward_blocks(cols: int, dim: int) -> tuple[int, int, int]:
@@ -318,12 +313,12 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid):
     """(launch grid, scalars shape, runtime args after the pointers, constexprs). The scalars tensor
     has 4 planes of B·N: s0, s1, s2, then the programs' partial losses."""
     n_tokens = target_grid[0] * target_grid[1]
-    block_t, block_d, warps, unroll = _forward_blocks(dim)
+    block_t, block_d, warps = _forward_blocks(dim)
     programs = triton.cdiv(n_tokens, block_t)
     hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
     args = (n_tokens, dim, target_grid[1], batch * n_tokens, hr, hc, hsr, hsc, yr, yc, ysr, ysc, -1.0 / n_tokens)
-    meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d, D_UNROLL=unroll,
+    meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
                 BLOCK_P=min(triton.next_power_of_2(programs), 1024),
                 num_warps=warps)
     return (programs, batch), (4, batch, n_tokens), args, meta
