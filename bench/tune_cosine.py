@@ -135,13 +135,12 @@ def sweep():
             cosine.RESAMPLED_BACKWARD = "band"
             if hg == tg:
                 continue
-            for rows, bj, bd, w in [(8, 16, 64, 4), (4, 16, 64, 4), (8, 16, 32, 4), (4, 16, 32, 4), (8, 16, 32, 2),
-                                    (4, 16, 32, 2), (8, 32, 32, 4), (4, 32, 32, 4), (8, 16, 128, 8), (4, 16, 64, 8),
-                                    (2, 16, 64, 4), (16, 16, 32, 2)]:
-                cosine._band_blocks = lambda cols, dim, c=(rows, bj, bd, w): c
+            # (BAND_ROWS, BLOCK_J, BLOCK_D, warps[, register cap])
+            for cfg in [(8, 16, 64, 4), (4, 16, 64, 4), (6, 16, 64, 4), (12, 16, 64, 4), (8, 16, 64, 4, 168),
+                        (8, 16, 64, 4, 160), (8, 16, 32, 2), (8, 32, 32, 4), (8, 16, 128, 8), (6, 16, 32, 2)]:
+                cosine._band_blocks = lambda cols, dim, c=cfg: c
                 cosine._band_plan.cache_clear()
-                print(f"{case} backward band BAND_ROWS={rows} BLOCK_J={bj} BLOCK_D={bd} warps={w}: "
-                      f"{graph_ms(bwd):.4f} ms")
+                print(f"{case} backward band {cfg}: {graph_ms(bwd):.4f} ms")
             cosine._band_blocks = band_default
             cosine._band_plan.cache_clear()
 

@@ -290,9 +290,10 @@ _TILE = 8192 if triton_interpreter() else 2048
 
 
 def _forward_blocks(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 128 (measured: notes/cosine.md)."""
+    """(BLOCK_T, BLOCK_D, num_warps): 1024-element tiles (126 registers, 4 programs per multiprocessor),
+    D chunks of up to 128 (measured: notes/cosine.md)."""
     block_d = min(triton.next_power_of_2(dim), 128)
-    return max(_TILE // block_d, 1), block_d, 4
+    return max(_TILE // 2 // block_d, 1), block_d, 4
 
 
 def _backward_blocks(cols: int, dim: int) -> tuple[int, int, int]:
@@ -355,7 +356,7 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    band_rows, block_j, block_d, warps = _band_blocks(xc, dim)
+    band_rows, block_j, block_d, warps, *max_registers = _band_blocks(xc, dim)
     col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
     block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
@@ -365,6 +366,8 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
             len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
                 PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", num_warps=warps)
+    if max_registers:  # a register cap per thread (more programs per multiprocessor)
+        meta["maxnreg"] = max_registers[0]
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
 
