@@ -109,7 +109,7 @@ def compare(copy):
 
 def sweep():
     """Block sizes of each kernel, and the two kernels for resampled inputs (kernel time only)."""
-    fwd_default, bwd_default, band_default = cosine._forward_blocks, cosine._backward_blocks, cosine._band_blocks
+    fwd_default, identity_default, band_default = cosine._forward_blocks, cosine._identity_blocks, cosine._band_blocks
     for case in CASES:
         b, hg, yg, d, tg = CASES[case]
         h, y = inputs(case)
@@ -125,19 +125,17 @@ def sweep():
             cosine._forward_plan.cache_clear()
             saved = cosine.forward(h, y, *grids)[1]
             bwd = lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved)
-            cosine.RESAMPLED_BACKWARD = "gather"
-            for bj, bd, w in [(8, 256, 4), (16, 128, 4)]:
-                cosine._backward_blocks = lambda cols, dim, c=(bj, bd, w): c
-                cosine._backward_plan.cache_clear()
-                print(f"{case} backward gather BLOCK_J={bj} BLOCK_D={bd} warps={w}: {graph_ms(bwd):.4f} ms")
-            cosine._backward_blocks = bwd_default
-            cosine._backward_plan.cache_clear()
-            cosine.RESAMPLED_BACKWARD = "band"
             if hg == tg:
+                for bj, bd, w in [(8, 256, 4), (16, 128, 4), (4, 256, 2)]:
+                    cosine._identity_blocks = lambda dim, c=(bj, bd, w): c
+                    cosine._identity_plan.cache_clear()
+                    print(f"{case} backward identity BLOCK_J={bj} BLOCK_D={bd} warps={w}: {graph_ms(bwd):.4f} ms")
+                cosine._identity_blocks = identity_default
+                cosine._identity_plan.cache_clear()
                 continue
-            # (BAND_ROWS, BLOCK_J, BLOCK_D, warps[, register cap])
-            for cfg in [(8, 16, 64, 4), (4, 16, 64, 4), (6, 16, 64, 4), (12, 16, 64, 4), (8, 16, 64, 4, 168),
-                        (8, 16, 64, 4, 160), (8, 16, 32, 2), (8, 32, 32, 4), (8, 16, 128, 8), (6, 16, 32, 2)]:
+            # (BAND_ROWS, BLOCK_J, BLOCK_D, warps)
+            for cfg in [(8, 16, 64, 4), (4, 16, 64, 4), (12, 16, 64, 4), (8, 16, 32, 2), (8, 32, 32, 4),
+                        (8, 16, 128, 8)]:
                 cosine._band_blocks = lambda cols, dim, c=cfg: c
                 cosine._band_plan.cache_clear()
                 print(f"{case} backward band {cfg}: {graph_ms(bwd):.4f} ms")

@@ -34,8 +34,7 @@ import triton.language as tl
 
 from repa_fused.ops import triton_interpreter
 
-from .interp import (adjoint_blocks, adjoint_span, adjoint_start_table, axis_scale, axis_taps, combine_taps, load_lerp,
-                     load_resampled, load_taps, tap_weight, token_taps)
+from .interp import adjoint_blocks, axis_scale, axis_taps, combine_taps, load_resampled, load_taps, tap_weight
 
 NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -108,73 +107,34 @@ def _cosine_forward_kernel(
 
 
 @triton.jit
-def _target_gradient(b_x, z_base, t, t_mask, m, s_base, own_offset, z_sn, offs_z, width_t,
-                     z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY: tl.constexpr):
-    """s0_t·z_t − s_own_t·x_t for target tokens t: the unit-scaled gradient at the target grid
-    (x is the input being differentiated, z the other one; s_own is s1 for h, s2 for y)."""
-    b_z = load_resampled(z_base, t, z_sn, offs_z, m, width_t, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
-    s0 = tl.load(s_base + t, mask=t_mask, other=0.0)
-    s_own = tl.load(s_base + own_offset + t, mask=t_mask, other=0.0)
-    return s0[:, None] * b_z - s_own[:, None] * b_x
-
-
-@triton.jit
-def _cosine_backward_kernel(
-    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, start_r_ptr, start_c_ptr,
-    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, span_r, span_c,
-    x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
+def _cosine_backward_identity_kernel(
+    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr,
+    n_tokens, dim, width_t, own_offset, batch, d_blocks,
+    x_sb, x_sn, x_sd,
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
     neg_inv_n,
-    X_IDENTITY: tl.constexpr, Z_IDENTITY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    Z_IDENTITY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program: source row i of x (or, for an identity x, a flat run of tokens: x_rows = 1),
-    BLOCK_J source columns, BLOCK_D features; gathers from the span_r × span_c targets that may read
-    each source token."""
+    """x already on the target grid (no adjoint): one program, BLOCK_J tokens × BLOCK_D features."""
     pid = tl.program_id(0)
     jb = pid // d_blocks
     db = pid % d_blocks
-    # Reverse order of the forward: the first rows here are the last ones the forward read.
-    i = x_rows - 1 - tl.program_id(1)
-    b = batch - 1 - tl.program_id(2)
-    j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_mask = j < x_cols
+    # Reverse order of the forward: the first samples here are the last ones the forward read.
+    b = batch - 1 - tl.program_id(1)
+    t = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    t_mask = t < n_tokens
     offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs < dim
+    m = t_mask[:, None] & (offs < dim)[None, :]
     x_base = x_ptr + b.to(tl.int64) * x_sb
     z_base = z_ptr + b.to(tl.int64) * z_sb
     s_base = scal_ptr + b * n_tokens
     coef = tl.load(grad_ptr + b) * neg_inv_n
-    if X_IDENTITY:
-        t = i * x_cols + j
-        m = j_mask[:, None] & d_mask[None, :]
-        b_x = tl.load(x_base + t[:, None] * x_sn + (offs * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-        acc = _target_gradient(b_x, z_base, t, j_mask, m, s_base, own_offset, z_sn, offs * z_sd, width_t,
-                               z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
-    else:
-        acc = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
-        r_first = tl.load(start_r_ptr + i)
-        c_first = tl.load(start_c_ptr + j, mask=j_mask, other=0)
-        for kr in range(span_r):
-            r = r_first + kr
-            w_r = tap_weight(i, r, height_t, x_scale_r, x_rows)
-            if w_r != 0.0:  # uniform over the program: rows that do not read row i cost nothing
-                xr0, xr1, lr = axis_taps(r, x_scale_r, x_rows)
-                for kc in range(span_c):
-                    c = c_first + kc
-                    w_c = tap_weight(j, c, width_t, x_scale_c, x_cols)
-                    valid = (w_c != 0.0) & j_mask
-                    m = valid[:, None] & d_mask[None, :]
-                    xc0, xc1, lc = axis_taps(c, x_scale_c, x_cols)
-                    b_x = load_lerp(x_base, xr0 * x_cols + xc0, xr0 * x_cols + xc1, xr1 * x_cols + xc0,
-                                    xr1 * x_cols + xc1, (1.0 - lr) * (1.0 - lc), (1.0 - lr) * lc,
-                                    lr * (1.0 - lc), lr * lc, x_sn, offs * x_sd, m)
-                    g = _target_gradient(b_x, z_base, r * width_t + c, valid, m, s_base, own_offset, z_sn,
-                                         offs * z_sd, width_t, z_rows, z_cols, z_scale_r, z_scale_c,
-                                         Z_IDENTITY)
-                    acc += (w_r * w_c)[:, None] * g
-    n_out = i * x_cols + j
-    p_out = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim + n_out[:, None] * dim + offs[None, :]
-    tl.store(p_out, (coef * acc).to(out_ptr.dtype.element_ty), mask=j_mask[:, None] & d_mask[None, :])
+    b_x = tl.load(x_base + t[:, None] * x_sn + (offs * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+    b_z = load_resampled(z_base, t, z_sn, offs * z_sd, m, width_t, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
+    s0 = tl.load(s_base + t, mask=t_mask, other=0.0)
+    s_own = tl.load(s_base + own_offset + t, mask=t_mask, other=0.0)
+    p_out = out_ptr + b.to(tl.int64) * n_tokens * dim + t[:, None] * dim + offs[None, :]
+    tl.store(p_out, (coef * (s0[:, None] * b_z - s_own[:, None] * b_x)).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -223,7 +183,6 @@ def _cosine_backward_band_kernel(
     j_mask = j < x_cols
     offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs < dim
-    m_c = c_mask[:, None] & d_mask[None, :]
     m_j = j_mask[:, None] & d_mask[None, :]
     w_cols = tl.where(j_mask[:, None], tap_weight(j[:, None], c[None, :], width_t, x_scale_c, x_cols), 0.0)
     x_base = x_ptr + b.to(tl.int64) * x_sb
@@ -296,11 +255,11 @@ def _forward_blocks(dim: int) -> tuple[int, int, int]:
     return max(_TILE // 2 // block_d, 1), block_d, 4
 
 
-def _backward_blocks(cols: int, dim: int) -> tuple[int, int, int]:
-    """(BLOCK_J, BLOCK_D, num_warps): 2048-element tiles, D chunks of up to 256 (measured: notes/cosine.md)."""
+def _identity_blocks(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_J, BLOCK_D, num_warps) of the identity backward: 2048-element tiles, D chunks of up to 256
+    (measured: notes/cosine.md)."""
     block_d = min(triton.next_power_of_2(dim), 256)
-    block_j = max(min(triton.next_power_of_2(cols), _TILE // block_d, 64), 1)
-    return block_j, block_d, 4
+    return max(_TILE // block_d, 1), block_d, 4
 
 
 def _axis(grid, target) -> tuple[int, int, float, float, bool]:
@@ -326,21 +285,16 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid):
 
 
 @functools.lru_cache(maxsize=512)
-def _backward_plan(batch: int, n_x: int, dim: int, x_grid, z_grid, target_grid, own_row: int):
-    """(launch grid, runtime args after the pointers, constexprs)."""
+def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
+    """(launch grid, runtime args after the pointers, constexprs) of the identity backward."""
     n_tokens = target_grid[0] * target_grid[1]
-    xr, xc, xsr, xsc, x_id = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    if x_id:  # identity: no rows to follow, a flat run of tokens per program
-        xr, xc, span_r, span_c = 1, n_x, 1, 1
-    else:
-        span_r, span_c = adjoint_span(x_grid[0], target_grid[0])[1], adjoint_span(x_grid[1], target_grid[1])[1]
-    block_j, block_d, warps = _backward_blocks(xc, dim)
+    block_j, block_d, warps = _identity_blocks(dim)
     d_blocks = triton.cdiv(dim, block_d)
-    args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
-            span_r, span_c, xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
-    meta = dict(X_IDENTITY=x_id, Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
-    return (triton.cdiv(xc, block_j) * d_blocks, xr, batch), args, meta
+    args = (n_tokens, dim, target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
+            zr, zc, zsr, zsc, -1.0 / n_tokens)
+    meta = dict(Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+    return (triton.cdiv(n_tokens, block_j) * d_blocks, batch), args, meta
 
 
 def _band_blocks(cols: int, dim: int) -> tuple[int, int, int, int]:
@@ -356,7 +310,7 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    band_rows, block_j, block_d, warps, *max_registers = _band_blocks(xc, dim)
+    band_rows, block_j, block_d, warps = _band_blocks(xc, dim)
     col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
     block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
@@ -366,8 +320,6 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
             len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
                 PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", num_warps=warps)
-    if max_registers:  # a register cap per thread (more programs per multiprocessor)
-        meta["maxnreg"] = max_registers[0]
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
 
@@ -403,7 +355,9 @@ def _check(name: str, x: torch.Tensor) -> None:
 
 
 def _launch_forward(h, y, h_grid, y_grid, target_grid):
-    """Run the forward kernel: (losses (1, B) fp32, per-token scalars (4, B, N) fp32)."""
+    """Run the forward kernel: (losses (1, B) fp32, per-token scalars (3, B, N) fp32). The scalars are the
+    first 3 planes of a 4-plane buffer whose last plane is the programs' scratch (partly unwritten: it
+    is not handed on, so every element of the op's outputs is defined)."""
     if h.dtype not in SUPPORTED or y.dtype not in SUPPORTED:
         _check("h", h)
         _check("y", y)
@@ -413,42 +367,32 @@ def _launch_forward(h, y, h_grid, y_grid, target_grid):
     out = torch.empty((1, batch), device=h.device, dtype=torch.float32)
     _cosine_forward_kernel[grid](h, y, out, scal, _counters(h.device, batch), *args[:4], *args[4:8], *h.stride(),
                                  *args[8:12], *y.stride(), args[12], **meta)
-    return out, scal
+    return out, scal[:3]
 
 
 def saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
-    """Shape of the scalars the forward hands to the backward: 4 planes of (B, N)."""
-    return (4, h.shape[0], target_grid[0] * target_grid[1])
+    """Shape of the scalars the forward hands to the backward: 3 planes of (B, N) (s0, s1, s2)."""
+    return (3, h.shape[0], target_grid[0] * target_grid[1])
 
 
 def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid):
-    """(per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt; per-token scalars (4, B, N) for the backward)
+    """(per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt; per-token scalars (3, B, N) for the backward)
     for h (B, N_h, D) on ``h_grid`` and y (B, N_y, D) on ``y_grid`` resampled to ``target_grid``."""
     return _launch_forward(h, y, h_grid, y_grid, target_grid)
-
-
-# Which kernel takes resampled inputs back to their grid: "band" (each target row built once) or
-# "gather" (each source token gathers its targets; the first version, kept for comparison in bench/).
-RESAMPLED_BACKWARD = "band"
 
 
 def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
     """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
     batch, n_x, dim = x.shape
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
-    if tuple(x_grid) != tuple(target_grid) and RESAMPLED_BACKWARD == "band":
+    if tuple(x_grid) == tuple(target_grid):
+        grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row)
+        _cosine_backward_identity_kernel[grid](x, z, out, scal, grad, *args[:6], *x.stride(), *args[6:10],
+                                               *z.stride(), args[10], **meta)
+    else:
         grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype)
         _cosine_backward_band_kernel[grid](x, z, out, scal, grad, _device_table(table, x.device), *args[:12],
                                            *x.stride(), *args[12:16], *z.stride(), args[16], **meta)
-        return out
-    grid, args, meta = _backward_plan(batch, n_x, dim, x_grid, z_grid, target_grid, own_row)
-    if meta["X_IDENTITY"]:
-        start_r = start_c = scal  # not read
-    else:
-        start_r = adjoint_start_table(x_grid[0], target_grid[0], x.device)[0]
-        start_c = adjoint_start_table(x_grid[1], target_grid[1], x.device)[0]
-    _cosine_backward_kernel[grid](x, z, out, scal, grad, start_r, start_c, *args[:13], *x.stride(),
-                                  *args[13:17], *z.stride(), args[17], **meta)
     return out
 
 

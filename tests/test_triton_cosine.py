@@ -58,14 +58,6 @@ def test_fp32_matches_reference(case):
     check(case, torch.float32, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["band", "gather"])
-@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[-3], CASES[-1]], ids=str)
-def test_both_resampled_backward_kernels(case, kernel, monkeypatch):
-    from repa_fused.kernels import cosine
-    monkeypatch.setattr(cosine, "RESAMPLED_BACKWARD", kernel)
-    check(case, torch.float32, 1e-5, 1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=str)
 def test_low_precision_matches_reference(case, dtype):
