@@ -12,16 +12,20 @@ Gradient. With g_b the upstream gradient of loss_b, ∂loss/∂ĥ_t = −(g_b/N)
     ∂/∂h_t = −(g_b/N)·(s0_t·y_t − s1_t·h_t),   s0 = r_h·r_y,   s1 = [n_h > ε]·c_t·r_h²
     ∂/∂y_t = −(g_b/N)·(s0_t·h_t − s2_t·y_t),   s2 = [n_y > ε]·c_t·r_y²
 
-and ∂/∂h is the adjoint resampling of ∂/∂h_t, computed as a gather over source tokens (interp.py).
+and ∂/∂h is the adjoint resampling of ∂/∂h_t (interp.py).
 
 Data movement. The forward reads h and y once (the taps' re-reads hit L2) and writes only O(B·N) values:
 the three per-token scalars (s0, s1, s2) and per-program partial sums of the loss, which the last program
-of each sample adds up in a fixed order (one launch, deterministic). The backward reads
-those scalars instead of reducing over D again, so it is one streaming pass: read h and y, write the
-gradient. The scalars travel from forward to backward as the op's saved tensor (ops.define_loss_op).
-The backward walks samples and rows in the
-reverse order of the forward, so it starts on the data the forward read last (still in L2).
-Everything is a gather: each output element is written once, deterministic, no atomics.
+of each sample adds up in a fixed order (one launch, deterministic). The backward reads those scalars
+instead of reducing over D again, so it is one streaming pass: read h and y, write the gradient. The
+scalars travel from forward to backward as the op's saved tensor (ops.define_loss_op).
+
+Backward kernels. An input already on the target grid takes a flat kernel (one load of each operand per
+output element). A resampled input takes the band kernel: each program owns a band of source rows and
+sweeps down the target rows that read it, building each target row's gradient once and taking it back
+with the separable adjoint (columns: a small matrix product; rows: the 2 row weights). Every output
+element is written by one program, once: deterministic, no atomics. Both walk samples (and bands) in the
+reverse order of the forward, so they start on the data the forward read last (still in L2).
 """
 
 from __future__ import annotations
