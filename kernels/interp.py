@@ -71,10 +71,19 @@ def load_lerp(base, n00, n01, n10, n11, w00, w01, w10, w11, stride_n, offs_d, ma
     :func:`token_taps`) and feature offsets ``offs_d`` ([BLOCK_D], already times the feature stride).
     Each tap is converted to fp32 on load (bf16 arithmetic is wrong under the interpreter)."""
     d = offs_d[None, :]
-    acc = w00[:, None] * tl.load(base + n00[:, None] * stride_n + d, mask=mask, other=0.0).to(tl.float32)
-    acc += w01[:, None] * tl.load(base + n01[:, None] * stride_n + d, mask=mask, other=0.0).to(tl.float32)
-    acc += w10[:, None] * tl.load(base + n10[:, None] * stride_n + d, mask=mask, other=0.0).to(tl.float32)
-    acc += w11[:, None] * tl.load(base + n11[:, None] * stride_n + d, mask=mask, other=0.0).to(tl.float32)
+    return blend(tl.load(base + n00[:, None] * stride_n + d, mask=mask, other=0.0),
+                 tl.load(base + n01[:, None] * stride_n + d, mask=mask, other=0.0),
+                 tl.load(base + n10[:, None] * stride_n + d, mask=mask, other=0.0),
+                 tl.load(base + n11[:, None] * stride_n + d, mask=mask, other=0.0), w00, w01, w10, w11)
+
+
+@triton.jit
+def blend(v00, v01, v10, v11, w00, w01, w10, w11):
+    """fp32 Σ_ab w_ab·v_ab of 4 tap tiles [BLOCK_T, BLOCK_D] with per-token weights [BLOCK_T]."""
+    acc = w00[:, None] * v00.to(tl.float32)
+    acc += w01[:, None] * v01.to(tl.float32)
+    acc += w10[:, None] * v10.to(tl.float32)
+    acc += w11[:, None] * v11.to(tl.float32)
     return acc
 
 
@@ -116,11 +125,7 @@ def combine_taps(v00, v01, v10, v11, t, width_t, height_s, width_s, scale_h, sca
         return v00.to(tl.float32)
     else:
         n00, n01, n10, n11, w00, w01, w10, w11 = token_taps(t, width_t, height_s, width_s, scale_h, scale_w)
-        acc = w00[:, None] * v00.to(tl.float32)
-        acc += w01[:, None] * v01.to(tl.float32)
-        acc += w10[:, None] * v10.to(tl.float32)
-        acc += w11[:, None] * v11.to(tl.float32)
-        return acc
+        return blend(v00, v01, v10, v11, w00, w01, w10, w11)
 
 
 # --------------------------------------------------------------------------------------------------
