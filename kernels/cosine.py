@@ -302,10 +302,10 @@ def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
 
 
 def _band_blocks(cols: int, dim: int) -> tuple[int, int, int, int]:
-    """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps) of the band backward: 16 to 32 source columns per tile
-    (a matrix product needs 16), features to fill 2048-element tiles."""
-    block_j = 16
-    return 8, block_j, max(min(triton.next_power_of_2(dim), 1024 // block_j), 16), 4
+    """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps) of the band backward: 16 source columns per tile (the
+    smallest a matrix product takes), up to 64 features (measured: notes/cosine.md). The plan lowers
+    BLOCK_D where many target columns read a tile (upsampling), so the tiles stay in registers."""
+    return 8, 16, max(min(triton.next_power_of_2(dim), 64), 16), 4
 
 
 @functools.lru_cache(maxsize=512)
@@ -318,6 +318,8 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
     block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
+    if block_c > 32:  # upsampled columns: keep the target-row tile [BLOCK_C, BLOCK_D] in registers
+        block_d, warps = min(block_d, max(2048 // block_c, 16)), 8
     table = [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
     d_blocks = triton.cdiv(dim, block_d)
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,

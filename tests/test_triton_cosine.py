@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif("triton" not in ops.available_backends("cuda" if
 # Beyond the odd cases: D = 77 with resampling on both sides, and D larger than one block of the
 # forward (256) and of the backward (128), so that both kernels tile over D.
 # Then grids that take the band backward through several bands of source rows, several column tiles,
-# and sources that no target reads (downsampling by more than 2).
+# sources that no target reads (downsampling by more than 2), and many target columns per tile.
 CASES = ODD_CASES + [(2, (5, 4), (3, 3), 77, "y"), (2, (3, 3), (4, 2), 300, "min"),
-                     (1, (19, 70), (7, 37), 5, "y"), (2, (10, 3), (23, 5), 4, "y"), (1, (20, 9), (6, 2), 3, "y")]
+                     (1, (19, 70), (7, 37), 5, "y"), (2, (10, 3), (23, 5), 4, "y"), (1, (20, 9), (6, 2), 3, "y"),
+                     (1, (2, 3), (3, 40), 5, "y")]  # 3 columns read by 40: the band's wide-tile plan
 LOW_PRECISION_CASES = [ODD_CASES[2], ODD_CASES[5], CASES[-2]]
 
 
