@@ -92,14 +92,19 @@ def end_to_end(case, rate, results, with_compile=True):
             row["mem_budget_ratio"] = row["peak_extra_mib"] / budget
 
 
-def kernel_split(case, results):
-    """Each stage alone: where the time goes (and what a fused-interpolation variant could save)."""
+def stage_inputs(case):
+    """(h, y, grids, the pre-pass output, an upstream gradient, a gradient buffer) of one case."""
     h, y = benchmarks.make_inputs(case, "cuda")
     grids = (case.h_grid, case.y_grid, case.target_grid)
     prep = M._prepare(h.detach(), y, *grids)
     b, n, d = prep.shape
-    grad = torch.rand(2, b, device="cuda")
-    out = torch.empty(b, n, d, device="cuda", dtype=h.dtype)
+    return h, y, grids, prep, torch.rand(2, b, device="cuda"), torch.empty(b, n, d, device="cuda", dtype=h.dtype)
+
+
+def kernel_split(case, results):
+    """Each stage alone: where the time goes (and what a fused-interpolation variant could save)."""
+    h, y, grids, prep, grad, out = stage_inputs(case)
+    b, n, d = prep.shape
     stages = {
         "prepass": lambda: M._prepare(h.detach(), y, *grids),
         "tiled_fwd": lambda: M._tiled_loss(prep),
@@ -135,12 +140,8 @@ VEC_CONFIGS = [(16, 128, 4), (8, 256, 4), (32, 128, 8), (16, 256, 8), (4, 512, 4
 
 def sweep(case, results):
     """One field group at a time around the default (the others at their defaults)."""
-    h, y = benchmarks.make_inputs(case, "cuda")
-    grids = (case.h_grid, case.y_grid, case.target_grid)
-    prep = M._prepare(h.detach(), y, *grids)
+    h, y, grids, prep, grad, out = stage_inputs(case)
     b, n, d = prep.shape
-    grad = torch.rand(2, b, device="cuda")
-    out = torch.empty(b, n, d, device="cuda", dtype=h.dtype)
     default = M.CONFIG
     groups = [("panel", PANEL_CONFIGS, ("panel_block_m", "panel_block_n", "panel_block_k", "panel_warps",
                                          "panel_stages"), lambda: M._tiled_backward(prep, grad, out, None),

@@ -38,7 +38,8 @@ import triton.language as tl
 
 from repa_fused.ops import triton_interpreter
 
-from .interp import adjoint_blocks, axis_scale, axis_taps, combine_taps, load_resampled, load_taps, tap_weight
+from .interp import (adjoint_blocks, axis_scale, axis_taps, combine_taps, device_table, load_resampled, load_taps,
+                     tap_weight)
 
 NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -142,9 +143,30 @@ def _cosine_backward_identity_kernel(
 
 
 @triton.jit
-def _store_row(out_base, row, j, x_cols, dim, offs, mask, acc, coef):
+def _store_and_shift(out_base, row, j, x_cols, dim, offs, mask, acc_a, acc_b, coef):
+    """Store the finished source row ``row`` (acc_a) and move on: (acc_b, zeros, row + 1)."""
     p_out = out_base + (row * x_cols + j)[:, None] * dim + offs[None, :]
-    tl.store(p_out, (coef * acc).to(out_base.dtype.element_ty), mask=mask)
+    tl.store(p_out, (coef * acc_a).to(out_base.dtype.element_ty), mask=mask)
+    return acc_b, tl.zeros_like(acc_b), row + 1
+
+
+@triton.jit
+def _target_row_loads(x_base, z_base, s_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset,
+                      x_sn, offs_x, x_rows, x_cols, x_scale_r, x_scale_c,
+                      z_sn, offs_z, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY: tl.constexpr):
+    """Everything target row r's gradient reads, raw (combined later): x's 4 tap tiles, z's tap tiles,
+    s0 and s_own; nothing is read when r ≥ r_hi."""
+    t = r * width_t + c
+    # (a [BLOCK_C] comparison, not a scalar one: the interpreter rejects scalar & tensor masks)
+    c_in = c_mask & (c * 0 + r < r_hi)
+    m = c_in[:, None] & d_mask[None, :]
+    x00, x01, x10, x11 = load_taps(x_base, t, x_sn, offs_x, m, width_t, x_rows, x_cols, x_scale_r, x_scale_c,
+                                   False)
+    z00, z01, z10, z11 = load_taps(z_base, t, z_sn, offs_z, m, width_t, z_rows, z_cols, z_scale_r, z_scale_c,
+                                   Z_IDENTITY)
+    s0 = tl.load(s_base + t, mask=c_in, other=0.0)
+    s_own = tl.load(s_base + own_offset + t, mask=c_in, other=0.0)
+    return x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own
 
 
 @triton.jit
@@ -201,47 +223,28 @@ def _cosine_backward_band_kernel(
     offs_z = offs * z_sd
     # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic
     # (the loop has data-dependent control flow, which Triton's pipeliner does not take).
-    t_next = r_lo * width_t + c
-    # (a [BLOCK_C] comparison, not a scalar one: the interpreter rejects scalar & tensor masks)
-    c_next = c_mask & (c * 0 + r_lo < r_hi)
-    m_next = c_next[:, None] & d_mask[None, :]
-    x00, x01, x10, x11 = load_taps(x_base, t_next, x_sn, offs_x, m_next, width_t, x_rows, x_cols, x_scale_r,
-                                   x_scale_c, False)
-    z00, z01, z10, z11 = load_taps(z_base, t_next, z_sn, offs_z, m_next, width_t, z_rows, z_cols, z_scale_r,
-                                   z_scale_c, Z_IDENTITY)
-    s0 = tl.load(s_base + t_next, mask=c_next, other=0.0)
-    s_own = tl.load(s_base + own_offset + t_next, mask=c_next, other=0.0)
+    x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
+        x_base, z_base, s_base, r_lo, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows, x_cols,
+        x_scale_r, x_scale_c, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
     for k_r in range(r_hi - r_lo):
         r = r_lo + k_r
         t = r * width_t + c
         b_x = combine_taps(x00, x01, x10, x11, t, width_t, x_rows, x_cols, x_scale_r, x_scale_c, False)
         b_z = combine_taps(z00, z01, z10, z11, t, width_t, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
         g = s0[:, None] * b_z - s_own[:, None] * b_x
-        t_next = t + width_t
-        c_next = c_mask & (c * 0 + r + 1 < r_hi)
-        m_next = c_next[:, None] & d_mask[None, :]
-        x00, x01, x10, x11 = load_taps(x_base, t_next, x_sn, offs_x, m_next, width_t, x_rows, x_cols,
-                                       x_scale_r, x_scale_c, False)
-        z00, z01, z10, z11 = load_taps(z_base, t_next, z_sn, offs_z, m_next, width_t, z_rows, z_cols,
-                                       z_scale_r, z_scale_c, Z_IDENTITY)
-        s0 = tl.load(s_base + t_next, mask=c_next, other=0.0)
-        s_own = tl.load(s_base + own_offset + t_next, mask=c_next, other=0.0)
-        r0, r1, lam = axis_taps(r, x_scale_r, x_rows)
+        x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
+            x_base, z_base, s_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
+            x_cols, x_scale_r, x_scale_c, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
+        r0, _, _ = axis_taps(r, x_scale_r, x_rows)
         while (cur < r0) & (cur < i1):  # rows above r0 get nothing more: store them
-            _store_row(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, coef)
-            acc_a = acc_b
-            acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
-            cur += 1
+            acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
         w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
         w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
         u = tl.dot(w_cols, g, input_precision=PRECISION)
         acc_a += w_a * u
         acc_b += w_b * u
     while cur < i1:
-        _store_row(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, coef)
-        acc_a = acc_b
-        acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
-        cur += 1
+        acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +304,7 @@ def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
     return (triton.cdiv(n_tokens, block_j) * d_blocks, batch), args, meta
 
 
-def _band_blocks(cols: int, dim: int) -> tuple[int, int, int, int]:
+def _band_blocks(dim: int) -> tuple[int, int, int, int]:
     """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps) of the band backward: 16 source columns per tile (the
     smallest a matrix product takes), up to 64 features (measured: notes/cosine.md). The plan lowers
     BLOCK_D where many target columns read a tile (upsampling), so the tiles stay in registers."""
@@ -314,7 +317,7 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    band_rows, block_j, block_d, warps = _band_blocks(xc, dim)
+    band_rows, block_j, block_d, warps = _band_blocks(dim)
     col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
     block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
@@ -327,18 +330,6 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
                 PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", num_warps=warps)
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
-
-
-_TABLES: dict = {}
-
-
-def _device_table(values: tuple, device: torch.device) -> torch.Tensor:
-    """An int32 copy of ``values`` on ``device``, made once."""
-    key = (values, device)
-    table = _TABLES.get(key)
-    if table is None:
-        table = _TABLES[key] = torch.tensor(values, dtype=torch.int32, device=device)
-    return table
 
 
 # Per-sample ticket counters of the forward's last-program reduction, one buffer per device; every
@@ -397,7 +388,7 @@ def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
                                                *z.stride(), args[10], **meta)
     else:
         grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype)
-        _cosine_backward_band_kernel[grid](x, z, out, scal, grad, _device_table(table, x.device), *args[:12],
+        _cosine_backward_band_kernel[grid](x, z, out, scal, grad, device_table(table, x.device), *args[:12],
                                            *x.stride(), *args[12:16], *z.stride(), args[16], **meta)
     return out
 

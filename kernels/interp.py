@@ -187,14 +187,20 @@ def adjoint_blocks(src: int, dst: int, block: int) -> tuple[tuple[int, int], ...
     return tuple(ranges)
 
 
-_START_TABLES: dict = {}
+_DEVICE_TABLES: dict = {}
+
+
+def device_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as an int32 tensor on ``device``, made once per (values, device): the kernels' index tables
+    cost no copy per call."""
+    key = (values, str(device))
+    table = _DEVICE_TABLES.get(key)
+    if table is None:
+        table = _DEVICE_TABLES[key] = torch.tensor(values, dtype=torch.int32, device=device)
+    return table
 
 
 def adjoint_start_table(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """:func:`adjoint_span` as an int32 tensor on ``device`` (cached: built once per axis and device)."""
-    key = (src, dst, str(device))
-    entry = _START_TABLES.get(key)
-    if entry is None:
-        start, k = adjoint_span(src, dst)
-        entry = _START_TABLES[key] = (torch.tensor(start, dtype=torch.int32, device=device), k)
-    return entry
+    start, k = adjoint_span(src, dst)
+    return device_table(start, device), k

@@ -257,6 +257,18 @@ def _unit_backward_kernel(g_ptr, g_lo_ptr, z_ptr, stats_ptr, grad_ptr, out_ptr, 
 
 
 @triton.jit
+def _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width, h_scale_h, h_scale_w,
+                    stride_yn, stride_yd, y_height, y_width, y_scale_h, y_scale_w,
+                    H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr):
+    """fp32 tiles of h and y resampled at target tokens ``toks``, features ``ds`` (both passes of the pre-pass)."""
+    v_h = interp.load_resampled(h_b, toks, stride_hn, ds * stride_hd, m, width_t, h_height, h_width,
+                                h_scale_h, h_scale_w, H_IDENTITY)
+    v_y = interp.load_resampled(y_b, toks, stride_yn, ds * stride_yd, m, width_t, y_height, y_width,
+                                y_scale_h, y_scale_w, Y_IDENTITY)
+    return v_h, v_y
+
+
+@triton.jit
 def _prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, n_tokens, dim, width_t,
                     stride_hb, stride_hn, stride_hd, stride_yb, stride_yn, stride_yd, stride_zb, stride_zn,
                     h_height, h_width, h_scale_h, h_scale_w, y_height, y_width, y_scale_h, y_scale_w,
@@ -278,10 +290,9 @@ def _prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, n_tokens, dim, width_t,
     for d0 in range(0, dim, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         m = m_t[:, None] & (ds < dim)[None, :]
-        v_h = interp.load_resampled(h_b, toks, stride_hn, ds * stride_hd, m, width_t, h_height, h_width,
-                                    h_scale_h, h_scale_w, H_IDENTITY)
-        v_y = interp.load_resampled(y_b, toks, stride_yn, ds * stride_yd, m, width_t, y_height, y_width,
-                                    y_scale_h, y_scale_w, Y_IDENTITY)
+        v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
+                                   h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
+                                   y_scale_w, H_IDENTITY, Y_IDENTITY)
         sq_h += tl.sum(v_h * v_h, axis=1)
         sq_y += tl.sum(v_y * v_y, axis=1)
         dot += tl.sum(v_h * v_y, axis=1)
@@ -294,10 +305,9 @@ def _prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, n_tokens, dim, width_t,
     for d0 in range(0, dim, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         m = m_t[:, None] & (ds < dim)[None, :]
-        v_h = interp.load_resampled(h_b, toks, stride_hn, ds * stride_hd, m, width_t, h_height, h_width,
-                                    h_scale_h, h_scale_w, H_IDENTITY)
-        v_y = interp.load_resampled(y_b, toks, stride_yn, ds * stride_yd, m, width_t, y_height, y_width,
-                                    y_scale_h, y_scale_w, Y_IDENTITY)
+        v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
+                                   h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
+                                   y_scale_w, H_IDENTITY, Y_IDENTITY)
         p_z = z_b + toks[:, None] * stride_zn + ds[None, :]
         tl.store(p_z, (v_h * rnorm_h[:, None]).to(z_ptr.dtype.element_ty), mask=m)
         tl.store(p_z + dim, (v_y * rnorm_y[:, None]).to(z_ptr.dtype.element_ty), mask=m)

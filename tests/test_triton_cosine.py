@@ -13,14 +13,15 @@ pytestmark = pytest.mark.skipif("triton" not in ops.available_backends("cuda" if
                                                                         else "cpu"),
                                 reason="triton backend unavailable")
 
-# Beyond the odd cases: D = 77 with resampling on both sides, and D larger than one block of the
-# forward (256) and of the backward (128), so that both kernels tile over D.
-# Then grids that take the band backward through several bands of source rows, several column tiles,
-# sources that no target reads (downsampling by more than 2), and many target columns per tile.
-CASES = ODD_CASES + [(2, (5, 4), (3, 3), 77, "y"), (2, (3, 3), (4, 2), 300, "min"),
-                     (1, (19, 70), (7, 37), 5, "y"), (2, (10, 3), (23, 5), 4, "y"), (1, (20, 9), (6, 2), 3, "y"),
-                     (1, (2, 3), (3, 40), 5, "y")]  # 3 columns read by 40: the band's wide-tile plan
-LOW_PRECISION_CASES = [ODD_CASES[2], ODD_CASES[5], CASES[-2]]
+# Beyond the odd cases: D = 77 with resampling on both sides, and D = 300, more than one feature block of
+# every kernel, so that all of them tile over D.
+WIDE_CASES = [(2, (5, 4), (3, 3), 77, "y"), (2, (3, 3), (4, 2), 300, "min")]
+# Grids that take the band backward through several bands of source rows and several column tiles,
+# sources that no target reads (downsampling by more than 2), and 3 columns read by 40 (the wide-tile plan).
+BAND_CASES = [(1, (19, 70), (7, 37), 5, "y"), (2, (10, 3), (23, 5), 4, "y"), (1, (20, 9), (6, 2), 3, "y"),
+              (1, (2, 3), (3, 40), 5, "y")]
+CASES = ODD_CASES + WIDE_CASES + BAND_CASES
+LOW_PRECISION_CASES = [ODD_CASES[2], ODD_CASES[5], WIDE_CASES[0], BAND_CASES[0]]
 
 
 def make(case, dtype=torch.float32, device="cpu", seed=0, y_dtype=None):
