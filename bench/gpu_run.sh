@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, kernel tuning, benchmark, check. Logs go to $OUT (the device
-# tool brings them back). Usage: bash bench/gpu_run.sh [tests] [tune] [split] [bench CASES...] [check]
+# tool brings them back). Usage: bash bench/gpu_run.sh [tests] [tune] [split] [ncu] [bench CASES...] [check]
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 step() { echo "== $1 ($(date +%T))"; }
@@ -19,10 +19,18 @@ while [ $# -gt 0 ]; do
     split) step split  # eager / compile / triton and the forward-backward split, no sweep
       timeout 200 python3 bench/tune_cosine.py 2>&1 | tee "$OUT/split_cosine.log" | tail -25; shift ;;
     bench) shift; cases=""
-      while [ $# -gt 0 ] && [ "$1" != tests ] && [ "$1" != tune ] && [ "$1" != split ] && [ "$1" != check ]; do
+      while [ $# -gt 0 ] && [ "$1" != tests ] && [ "$1" != tune ] && [ "$1" != split ] && [ "$1" != ncu ] && [ "$1" != check ]; do
         cases="$cases $1"; shift; done
       for c in $cases; do step "bench $c"
         timeout 200 repa-fused bench --cases "$c" --reps 30 --json "$OUT/bench_$c.json" 2>&1 | tail -8; done ;;
+    ncu) step "ncu flux"  # hardware counters of the forward and band kernels (Firecracker machines)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 300 "$NCU" --clock-control none -k regex:_cosine --launch-skip 4 --launch-count 2 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+        --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats \
+        python3 bench/profile_cosine.py flux > "$OUT/ncu_flux.txt" 2>&1; echo "ncu exit $?"
+      grep -E "^  _cosine|Duration|DRAM Throughput|L2 Hit|L1/TEX Hit|Achieved Occupancy|Theoretical Occ|Registers Per|Warp Cycles Per Issued|Issued Warp|No Eligible|Eligible Warps|Waves Per SM|Mem Busy|Max Bandwidth" \
+        "$OUT/ncu_flux.txt" | head -60; shift ;;
     check) step check
       timeout 400 repa-fused check --device cuda -v > "$OUT/check_cuda.log" 2>&1; echo "exit $?" >> "$OUT/check_cuda.log"
       grep -v "^  " "$OUT/check_cuda.log" | tail -40; shift ;;

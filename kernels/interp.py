@@ -56,13 +56,19 @@ def tap_weight(src, dst, dst_size, scale, src_size):
 
 
 @triton.jit
+def lerp_weights(lr, lc):
+    """(w00, w01, w10, w11) of row and column fractions: w_ab = w_row_a·w_col_b."""
+    return (1.0 - lr) * (1.0 - lc), (1.0 - lr) * lc, lr * (1.0 - lc), lr * lc
+
+
+@triton.jit
 def token_taps(t, width_t, height_s, width_s, scale_h, scale_w):
     """The 4 source tokens and weights of target tokens ``t`` (flat indices on a grid of width ``width_t``):
     returns (n00, n01, n10, n11, w00, w01, w10, w11), n_ab = row_a·width_s + col_b, w_ab = w_row_a·w_col_b."""
     r0, r1, lr = axis_taps(t // width_t, scale_h, height_s)
     c0, c1, lc = axis_taps(t % width_t, scale_w, width_s)
-    return (r0 * width_s + c0, r0 * width_s + c1, r1 * width_s + c0, r1 * width_s + c1,
-            (1.0 - lr) * (1.0 - lc), (1.0 - lr) * lc, lr * (1.0 - lc), lr * lc)
+    w00, w01, w10, w11 = lerp_weights(lr, lc)
+    return r0 * width_s + c0, r0 * width_s + c1, r1 * width_s + c0, r1 * width_s + c1, w00, w01, w10, w11
 
 
 @triton.jit
@@ -125,6 +131,34 @@ def combine_taps(v00, v01, v10, v11, t, width_t, height_s, width_s, scale_h, sca
         return v00.to(tl.float32)
     else:
         n00, n01, n10, n11, w00, w01, w10, w11 = token_taps(t, width_t, height_s, width_s, scale_h, scale_w)
+        return blend(v00, v01, v10, v11, w00, w01, w10, w11)
+
+
+@triton.jit
+def load_row_taps(base, r, c, c0, c1, stride_n, offs_d, mask, height_s, width_s, scale_h, IDENTITY: tl.constexpr):
+    """:func:`load_taps` for the target tokens (r, c) of one target row r, with the column taps (c0, c1)
+    of columns c computed once by the caller (:func:`axis_taps`): a kernel that walks target rows pays
+    for no division or column arithmetic per row. With ``IDENTITY`` the token r·width_s + c, once."""
+    if IDENTITY:
+        v = tl.load(base + (r * width_s + c)[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+        return v, v, v, v
+    else:
+        r0, r1, _ = axis_taps(r, scale_h, height_s)
+        d = offs_d[None, :]
+        return (tl.load(base + (r0 * width_s + c0)[:, None] * stride_n + d, mask=mask, other=0.0),
+                tl.load(base + (r0 * width_s + c1)[:, None] * stride_n + d, mask=mask, other=0.0),
+                tl.load(base + (r1 * width_s + c0)[:, None] * stride_n + d, mask=mask, other=0.0),
+                tl.load(base + (r1 * width_s + c1)[:, None] * stride_n + d, mask=mask, other=0.0))
+
+
+@triton.jit
+def combine_row_taps(v00, v01, v10, v11, r, lc, height_s, scale_h, IDENTITY: tl.constexpr):
+    """fp32 tile of the resampled values from :func:`load_row_taps`' tiles; ``lc``: the columns' λ."""
+    if IDENTITY:
+        return v00.to(tl.float32)
+    else:
+        _, _, lr = axis_taps(r, scale_h, height_s)
+        w00, w01, w10, w11 = lerp_weights(lr, lc)
         return blend(v00, v01, v10, v11, w00, w01, w10, w11)
 
 
