@@ -47,18 +47,18 @@ SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _cosine_forward_kernel(
-    h_ptr, y_ptr, out_ptr, scal_ptr, count_ptr,
-    n_tokens, dim, width_t, plane,
+    h_ptr, y_ptr, out_ptr, mean_ptr, scal_ptr, count_ptr,
+    n_tokens, dim, width_t, plane, batch,
     h_rows, h_cols, h_scale_r, h_scale_c, h_sb, h_sn, h_sd,
     y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
     neg_inv_n,
     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, MEAN: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks. The last
-    program of sample b to finish
-    sums the sample's partial losses (plane 3 of the scalars) in a fixed order: deterministic, and the
-    loss costs no second launch."""
+    program of sample b to finish sums the sample's partial losses (plane 3 of the scalars) in a fixed
+    order: deterministic, and the loss costs no second launch. With MEAN, the last sample to finish
+    then takes the batch mean the same way (no reduction launch in the forward, nor in the backward)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -109,6 +109,16 @@ def _cosine_forward_kernel(
             acc += tl.load(p_part + p, mask=p < programs, other=0.0, cache_modifier=".cg")
         tl.store(out_ptr + b, tl.sum(acc, 0))
         tl.atomic_xchg(count_ptr + b, 0)  # ready for the next launch
+        if MEAN:
+            tl.debug_barrier()  # this sample's loss is stored before its ticket
+            finished = tl.atomic_add(count_ptr + batch, 1)
+            if finished == batch - 1:
+                acc_b = tl.zeros((BLOCK_B,), tl.float32)
+                for b0 in range(0, batch, BLOCK_B):
+                    bs = b0 + tl.arange(0, BLOCK_B)
+                    acc_b += tl.load(out_ptr + bs, mask=bs < batch, other=0.0, cache_modifier=".cg")
+                tl.store(mean_ptr, tl.sum(acc_b, 0) / batch)
+                tl.atomic_xchg(count_ptr + batch, 0)
 
 
 @triton.jit
@@ -117,7 +127,7 @@ def _cosine_backward_identity_kernel(
     n_tokens, dim, width_t, own_offset, batch, d_blocks,
     x_sb, x_sn, x_sd,
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
-    neg_inv_n,
+    neg_inv_n, grad_stride,
     Z_IDENTITY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """x already on the target grid (no adjoint): one program, BLOCK_J tokens × BLOCK_D features."""
@@ -133,7 +143,7 @@ def _cosine_backward_identity_kernel(
     x_base = x_ptr + b.to(tl.int64) * x_sb
     z_base = z_ptr + b.to(tl.int64) * z_sb
     s_base = scal_ptr + b * n_tokens
-    coef = tl.load(grad_ptr + b) * neg_inv_n
+    coef = tl.load(grad_ptr + b * grad_stride) * neg_inv_n
     b_x = tl.load(x_base + t[:, None] * x_sn + (offs * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
     b_z = load_resampled(z_base, t, z_sn, offs * z_sd, m, width_t, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
     s0 = tl.load(s_base + t, mask=t_mask, other=0.0)
@@ -175,7 +185,7 @@ def _cosine_backward_band_kernel(
     n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, col_tiles,
     x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
-    neg_inv_n,
+    neg_inv_n, grad_stride,
     Z_IDENTITY: tl.constexpr, BAND_ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -215,7 +225,7 @@ def _cosine_backward_band_kernel(
     z_base = z_ptr + b.to(tl.int64) * z_sb
     out_base = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim
     s_base = scal_ptr + b * n_tokens
-    coef = tl.load(grad_ptr + b) * neg_inv_n
+    coef = tl.load(grad_ptr + b * grad_stride) * neg_inv_n
     acc_a = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur`
     acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur + 1`
     cur = i0
@@ -279,7 +289,7 @@ def _axis(grid, target) -> tuple[int, int, float, float, bool]:
 
 
 @functools.lru_cache(maxsize=512)
-def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid):
+def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool):
     """(launch grid, scalars shape, runtime args after the pointers, constexprs). The scalars tensor
     has 4 planes of B·N: s0, s1, s2, then the programs' partial losses."""
     n_tokens = target_grid[0] * target_grid[1]
@@ -287,10 +297,11 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid):
     programs = triton.cdiv(n_tokens, block_t)
     hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
-    args = (n_tokens, dim, target_grid[1], batch * n_tokens, hr, hc, hsr, hsc, yr, yc, ysr, ysc, -1.0 / n_tokens)
+    args = (n_tokens, dim, target_grid[1], batch * n_tokens, batch, hr, hc, hsr, hsc, yr, yc, ysr, ysc,
+            -1.0 / n_tokens)
     meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
                 BLOCK_P=min(triton.next_power_of_2(programs), 1024),
-                num_warps=warps)
+                MEAN=mean, BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=warps)
     return (programs, batch), (4, batch, n_tokens), args, meta
 
 
@@ -342,9 +353,10 @@ _COUNTERS: dict = {}
 
 
 def _counters(device: torch.device, batch: int) -> torch.Tensor:
+    """B per-sample counters, then the batch's."""
     counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < batch:
-        counters = _COUNTERS[device] = torch.zeros(max(batch, 256), dtype=torch.int32, device=device)
+    if counters is None or counters.numel() < batch + 1:
+        counters = _COUNTERS[device] = torch.zeros(max(batch + 1, 256), dtype=torch.int32, device=device)
     return counters
 
 
@@ -354,20 +366,22 @@ def _check(name: str, x: torch.Tensor) -> None:
                         f"use backend='reference' for float64")
 
 
-def _launch_forward(h, y, h_grid, y_grid, target_grid):
-    """Run the forward kernel: (losses (1, B) fp32, per-token scalars (3, B, N) fp32). The scalars are the
-    first 3 planes of a 4-plane buffer whose last plane is the programs' scratch (partly unwritten: it
-    is not handed on, so every element of the op's outputs is defined)."""
+def _launch_forward(h, y, h_grid, y_grid, target_grid, mean):
+    """Run the forward kernel: (losses (1, B) fp32, or their mean (1, 1) with ``mean``; per-token scalars
+    (3, B, N) fp32). The scalars are the first 3 planes of a 4-plane buffer whose last plane is the
+    programs' scratch (partly unwritten: it is not handed on, so every element of the op's outputs is
+    defined)."""
     if h.dtype not in SUPPORTED or y.dtype not in SUPPORTED:
         _check("h", h)
         _check("y", y)
     batch = h.shape[0]
-    grid, scal_shape, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid)
+    grid, scal_shape, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid, mean)
     scal = torch.empty(scal_shape, device=h.device, dtype=torch.float32)
     out = torch.empty((1, batch), device=h.device, dtype=torch.float32)
-    _cosine_forward_kernel[grid](h, y, out, scal, _counters(h.device, batch), *args[:4], *args[4:8], *h.stride(),
-                                 *args[8:12], *y.stride(), args[12], **meta)
-    return out, scal[:3]
+    batch_mean = torch.empty((1, 1), device=h.device, dtype=torch.float32) if mean else out
+    _cosine_forward_kernel[grid](h, y, out, batch_mean, scal, _counters(h.device, batch), *args[:5], *args[5:9],
+                                 *h.stride(), *args[9:13], *y.stride(), args[13], **meta)
+    return batch_mean, scal[:3]
 
 
 def saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
@@ -375,33 +389,38 @@ def saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
     return (3, h.shape[0], target_grid[0] * target_grid[1])
 
 
-def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid):
-    """(per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt; per-token scalars (3, B, N) for the backward)
-    for h (B, N_h, D) on ``h_grid`` and y (B, N_y, D) on ``y_grid`` resampled to ``target_grid``."""
-    return _launch_forward(h, y, h_grid, y_grid, target_grid)
+def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean: bool = False):
+    """(per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt, or with ``mean`` their batch mean (1, 1);
+    per-token scalars (3, B, N) for the backward) for h (B, N_h, D) on ``h_grid`` and y (B, N_y, D) on
+    ``y_grid`` resampled to ``target_grid``."""
+    return _launch_forward(h, y, h_grid, y_grid, target_grid, mean)
 
 
-def _adjoint(grad, x, z, x_grid, z_grid, target_grid, scal, own_row):
+def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row):
     """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
     batch, n_x, dim = x.shape
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
+    # Per sample b the kernels scale by grad[b·stride]·(−1/N); the mean's gradient reaches every sample
+    # alike (stride 0) and brings its 1/B.
     if tuple(x_grid) == tuple(target_grid):
         grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row)
+        scale = (args[10] / batch, 0) if mean else (args[10], 1)
         _cosine_backward_identity_kernel[grid](x, z, out, scal, grad, *args[:6], *x.stride(), *args[6:10],
-                                               *z.stride(), args[10], **meta)
+                                               *z.stride(), *scale, **meta)
     else:
         grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype)
+        scale = (args[16] / batch, 0) if mean else (args[16], 1)
         _cosine_backward_band_kernel[grid](x, z, out, scal, grad, device_table(table, x.device), *args[:12],
-                                           *x.stride(), *args[12:16], *z.stride(), args[16], **meta)
+                                           *x.stride(), *args[12:16], *z.stride(), *scale, **meta)
     return out
 
 
 def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid,
-             needs_h: bool, needs_y: bool, *, saved: torch.Tensor):
-    """(∂/∂h, ∂/∂y) of Σ_b grad[0, b]·loss_b, in h's and y's dtypes (None where not needed).
-    grad: (1, B) float32; saved: the forward's per-token scalars."""
+             needs_h: bool, needs_y: bool, *, saved: torch.Tensor, mean: bool = False):
+    """(∂/∂h, ∂/∂y) of Σ_b grad[0, b]·loss_b, or with ``mean`` of grad[0, 0]·mean_b loss_b, in h's and
+    y's dtypes (None where not needed). grad: (1, B) or (1, 1) float32; saved: the forward's scalars."""
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         grad = grad.to(torch.float32).contiguous()
-    grad_h = _adjoint(grad, h, y, h_grid, y_grid, target_grid, saved, 1) if needs_h else None
-    grad_y = _adjoint(grad, y, h, y_grid, h_grid, target_grid, saved, 2) if needs_y else None
+    grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 1) if needs_h else None
+    grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 2) if needs_y else None
     return grad_h, grad_y

@@ -101,7 +101,9 @@ def _select_backend(backend: str, device: torch.device, op: str, float64: bool =
     return ops.BACKENDS[backend].ops[op]
 
 
-def _per_sample(op: str, h, y, h_grid, y_grid, align, reduction, backend) -> torch.Tensor:
+def _terms(op: str, h, y, h_grid, y_grid, align, reduction, backend) -> torch.Tensor:
+    """The op's (T, B) per-sample terms, or for ``reduction="mean"`` their (T, 1) batch means (taken
+    inside the kernels where the backend can: no reduction launch, and none for its backward)."""
     _check_tokens("h", h)
     _check_tokens("y", y)
     if h.shape[0] != y.shape[0]:
@@ -115,11 +117,13 @@ def _per_sample(op: str, h, y, h_grid, y_grid, align, reduction, backend) -> tor
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     grids = resolve_grids(h.shape[1], y.shape[1], h_grid, y_grid, align)
     impl = _select_backend(backend, h.device, op, torch.float64 in (h.dtype, y.dtype))
-    return impl(h, y, *grids)
+    return impl(h, y, *grids, mean=reduction == "mean")
 
 
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    return values.mean() if reduction == "mean" else values
+def _single_term(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A scalar (mean) or (B,) from a (1, 1) or (1, B) op output: a view, whose backward launches
+    nothing (indexing's backward allocates and copies)."""
+    return terms.view(()) if reduction == "mean" else terms.squeeze(0)
 
 
 def cosine_alignment_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None,
@@ -129,8 +133,7 @@ def cosine_alignment_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg =
 
     h: (B, N_h, D), y: (B, N_y, D). Returns a scalar (``reduction="mean"``) or (B,) (``"none"``).
     """
-    # squeeze, not [0]: a view whose backward launches nothing (select's backward allocates and copies).
-    return _reduce(_per_sample("cosine", h, y, h_grid, y_grid, align, reduction, backend).squeeze(0), reduction)
+    return _single_term(_terms("cosine", h, y, h_grid, y_grid, align, reduction, backend), reduction)
 
 
 def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None, y_grid: GridArg = None,
@@ -139,8 +142,7 @@ def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None, y
 
     h: (B, N_h, D), y: (B, N_y, D). Returns a scalar (``reduction="mean"``) or (B,) (``"none"``).
     """
-    return _reduce(_per_sample("manifold", h, y, h_grid, y_grid, align, reduction, backend).squeeze(0),
-                   reduction)
+    return _single_term(_terms("manifold", h, y, h_grid, y_grid, align, reduction, backend), reduction)
 
 
 def urepa_loss(h: torch.Tensor, y: torch.Tensor, *, manifold_weight: float = 3.0, h_grid: GridArg = None,
@@ -154,8 +156,8 @@ def urepa_loss(h: torch.Tensor, y: torch.Tensor, *, manifold_weight: float = 3.0
         raise TypeError(f"manifold_weight must be a real number, got {type(manifold_weight).__name__}")
     if not math.isfinite(manifold_weight):
         raise ValueError(f"manifold_weight must be finite, got {manifold_weight}")
-    terms = _per_sample("urepa", h, y, h_grid, y_grid, align, reduction, backend)
-    alignment, manifold = (terms.mean(1) if reduction == "mean" else terms).unbind(0)
+    terms = _terms("urepa", h, y, h_grid, y_grid, align, reduction, backend)
+    alignment, manifold = (terms.squeeze(1) if reduction == "mean" else terms).unbind(0)
     return alignment + manifold_weight * manifold, alignment, manifold
 
 

@@ -2,8 +2,8 @@
 
 Every backend implements the same three ops, each a function of ``(h, y, h_grid, y_grid, target_grid)``
 returning per-sample losses of shape (T, B) (T = 1 for ``cosine`` and ``manifold``, 2 for ``urepa``:
-alignment then manifold), float32 (float64 for float64 inputs). A backend supplies a forward and a
-backward implementation; :func:`define_loss_op` turns them into
+alignment then manifold), float32 (float64 for float64 inputs), or with ``mean=True`` their batch means,
+(T, 1). A backend supplies a forward and a backward implementation; :func:`define_loss_op` turns them into
 
 * a ``torch.library`` custom op ``repa_fused::<op>_<backend>`` with a fake (meta) implementation and
   autograd, whose backward is itself a custom op, so ``torch.compile(fullgraph=True)`` traces both;
@@ -37,6 +37,18 @@ BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor
 NOTHING_SAVED = (0,)
 
 
+@dataclass(frozen=True)
+class OpImpl:
+    """One backend's implementation of one op (see the signatures above). ``fused_mean``: forward and
+    backward also take ``mean=True`` and reduce over the batch inside their kernels (forward: (T, 1)
+    means; backward: a (T, 1) gradient); otherwise :func:`define_loss_op` takes the mean around them."""
+
+    forward: ForwardImpl
+    backward: BackwardImpl
+    saved_shape: Optional[Callable[..., tuple[int, ...]]] = None
+    fused_mean: bool = False
+
+
 def _stash(ctx, *tensors) -> None:
     """Save tensors for backward. Inference tensors (an encoder run under torch.inference_mode) cannot
     be saved; they cannot change in place outside inference mode either, so a reference suffices."""
@@ -48,75 +60,91 @@ def _unstash(ctx) -> list:
     return [kept if kept is not None else t for t, kept in zip(ctx.saved_tensors, ctx.inference)]
 
 
-def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: BackwardImpl,
-                   saved_shape: Callable[..., Optional[tuple[int, ...]]] = lambda *args: None) -> Callable:
-    """Register ``forward``/``backward`` as the ``op`` of ``backend``; return the differentiable callable.
+def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) -> Callable:
+    """Register the op ``op`` of ``backend``, implemented by ``implementation()`` (called on first use);
+    return the differentiable callable ``(h, y, h_grid, y_grid, target_grid, mean=False)``.
 
-    ``backward`` must return gradients in the dtype of the matching input, or None where not needed.
-    ``saved_shape`` returns the shape of the forward's ``saved`` tensor, or None when it saves nothing.
+    The backward must return gradients in the dtype of the matching input, or None where not needed.
     """
     terms = TERMS[op]
     name = f"repa_fused::{op}_{backend}"
 
-    def run_forward(h, y, h_grid, y_grid, target_grid):
-        """(losses, saved or None) whatever the backend's forward returns."""
-        result = forward(h, y, h_grid, y_grid, target_grid)
-        return result if isinstance(result, tuple) else (result, None)
+    def saved_shape(h, y, *grids):
+        shape_of = implementation().saved_shape
+        return shape_of(h, y, *grids) if shape_of is not None else None
 
-    def run_backward(grad, h, y, grids, needs_h, needs_y, saved):
-        if saved is None:
-            return backward(grad, h, y, *grids, needs_h, needs_y)
-        return backward(grad, h, y, *grids, needs_h, needs_y, saved=saved)
+    def run_forward(h, y, h_grid, y_grid, target_grid, mean):
+        """(losses, saved or None) whatever the backend's forward returns."""
+        impl = implementation()
+        if mean and impl.fused_mean:
+            result = impl.forward(h, y, h_grid, y_grid, target_grid, mean=True)
+        else:
+            result = impl.forward(h, y, h_grid, y_grid, target_grid)
+        losses, saved = result if isinstance(result, tuple) else (result, None)
+        if mean and not impl.fused_mean:
+            losses = losses.mean(1, keepdim=True)
+        return losses, saved
+
+    def run_backward(grad, h, y, grids, needs_h, needs_y, saved, mean):
+        impl = implementation()
+        kwargs = {} if saved is None else {"saved": saved}
+        if mean and impl.fused_mean:
+            kwargs["mean"] = True
+        elif mean:  # the backward of the mean, as autograd takes it: (T, 1) -> (T, B) / B
+            grad = grad.expand(terms, h.shape[0]) / h.shape[0]
+        return impl.backward(grad, h, y, *grids, needs_h, needs_y, **kwargs)
 
     @torch.library.custom_op(name, mutates_args=())
     def forward_op(h: torch.Tensor, y: torch.Tensor, h_grid: list[int], y_grid: list[int],
-                   target_grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, saved = run_forward(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid))
+                   target_grid: list[int], mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, saved = run_forward(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid), mean)
         # A custom op returns tensors only: an empty one stands for "nothing saved".
         return losses, (saved if saved is not None else h.new_empty(NOTHING_SAVED, dtype=torch.float32))
 
     @forward_op.register_fake
-    def _(h, y, h_grid, y_grid, target_grid):
+    def _(h, y, h_grid, y_grid, target_grid, mean=False):
         shape = saved_shape(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid))
-        return (h.new_empty((terms, h.shape[0]), dtype=reference.compute_dtype(h, y)),
+        return (h.new_empty((terms, 1 if mean else h.shape[0]), dtype=reference.compute_dtype(h, y)),
                 h.new_empty(shape if shape is not None else NOTHING_SAVED, dtype=torch.float32))
 
     @torch.library.custom_op(name + "_backward", mutates_args=())
     def backward_op(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, saved: torch.Tensor,
                     h_grid: list[int], y_grid: list[int], target_grid: list[int], needs_h: bool,
-                    needs_y: bool) -> list[torch.Tensor]:
+                    needs_y: bool, mean: bool = False) -> list[torch.Tensor]:
         grids = (tuple(h_grid), tuple(y_grid), tuple(target_grid))
         has_saved = saved_shape(h, y, *grids) is not None
-        grad_h, grad_y = run_backward(grad, h, y, grids, needs_h, needs_y, saved if has_saved else None)
+        grad_h, grad_y = run_backward(grad, h, y, grids, needs_h, needs_y, saved if has_saved else None, mean)
         # A custom op cannot return None: an empty tensor stands for "no gradient". Contiguous, as the
         # fake implementation declares (compiled graphs rely on the strides).
         return [grad_h.contiguous() if needs_h else h.new_empty(0),
                 grad_y.contiguous() if needs_y else y.new_empty(0)]
 
     @backward_op.register_fake
-    def _(grad, h, y, saved, h_grid, y_grid, target_grid, needs_h, needs_y):
+    def _(grad, h, y, saved, h_grid, y_grid, target_grid, needs_h, needs_y, mean=False):
         return [torch.empty_like(h, memory_format=torch.contiguous_format) if needs_h else h.new_empty(0),
                 torch.empty_like(y, memory_format=torch.contiguous_format) if needs_y else y.new_empty(0)]
 
     def setup_context(ctx, inputs, output):
-        h, y, h_grid, y_grid, target_grid = inputs
+        h, y, h_grid, y_grid, target_grid, mean = inputs
         _stash(ctx, h, y, output[1])
         ctx.grids = (h_grid, y_grid, target_grid)
+        ctx.mean = mean
 
     def backward_rule(ctx, grad, _grad_saved):
         h, y, saved = _unstash(ctx)
         needs_h, needs_y = ctx.needs_input_grad[:2]
-        grad_h, grad_y = backward_op(grad.contiguous(), h, y, saved, *ctx.grids, needs_h, needs_y)
-        return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None)
+        grad_h, grad_y = backward_op(grad.contiguous(), h, y, saved, *ctx.grids, needs_h, needs_y, ctx.mean)
+        return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None, None)
 
     forward_op.register_autograd(backward_rule, setup_context=setup_context)
 
     class EagerFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, h, y, h_grid, y_grid, target_grid):
-            losses, saved = run_forward(h, y, h_grid, y_grid, target_grid)
+        def forward(ctx, h, y, h_grid, y_grid, target_grid, mean):
+            losses, saved = run_forward(h, y, h_grid, y_grid, target_grid, mean)
             _stash(ctx, h, y, saved)
             ctx.grids = (h_grid, y_grid, target_grid)
+            ctx.mean = mean
             return losses
 
         @staticmethod
@@ -124,14 +152,14 @@ def define_loss_op(op: str, backend: str, forward: ForwardImpl, backward: Backwa
         def backward(ctx, grad):
             h, y, saved = _unstash(ctx)
             needs_h, needs_y = ctx.needs_input_grad[:2]
-            grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved)
-            return grad_h, grad_y, None, None, None
+            grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved, ctx.mean)
+            return grad_h, grad_y, None, None, None, None
 
-    def call(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid) -> torch.Tensor:
+    def call(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean: bool = False) -> torch.Tensor:
         h_grid, y_grid, target_grid = tuple(h_grid), tuple(y_grid), tuple(target_grid)
         if torch.compiler.is_compiling():
-            return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid))[0]
-        return EagerFunction.apply(h, y, h_grid, y_grid, target_grid)
+            return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid), mean)[0]
+        return EagerFunction.apply(h, y, h_grid, y_grid, target_grid, mean)
 
     call.custom_op = forward_op
     call.backward_op = backward_op
@@ -161,7 +189,7 @@ def _reference_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
 def _triton_implementations() -> dict[str, tuple]:
     from .kernels import cosine, manifold
 
-    return {"cosine": (cosine.forward, cosine.backward, cosine.saved_shape),
+    return {"cosine": OpImpl(cosine.forward, cosine.backward, cosine.saved_shape, fused_mean=True),
             "manifold": (manifold.manifold_forward, manifold.manifold_backward),
             "urepa": (manifold.urepa_forward, manifold.urepa_backward)}
 
@@ -204,14 +232,15 @@ class Backend:
 
     name: str
     devices: Optional[tuple[str, ...]]
-    # op -> (forward, backward) or (forward, backward, saved_shape): see define_loss_op
-    load: Callable[[], dict[str, tuple]] = field(repr=False)
+    # op -> OpImpl, or a tuple of its fields (forward, backward[, saved_shape]): see define_loss_op
+    load: Callable[[], dict[str, Union[OpImpl, tuple]]] = field(repr=False)
     ops: dict[str, Callable] = field(default_factory=dict, repr=False)
     _implementations: Optional[dict] = field(default=None, repr=False)
 
-    def implementations(self) -> dict[str, tuple]:
+    def implementations(self) -> dict[str, OpImpl]:
         if self._implementations is None:
-            self._implementations = self.load()
+            self._implementations = {op: impl if isinstance(impl, OpImpl) else OpImpl(*impl)
+                                     for op, impl in self.load().items()}
         return self._implementations
 
     def available(self, device) -> bool:
@@ -227,17 +256,7 @@ BACKENDS: dict[str, Backend] = {}
 def register_backend(name: str, devices: Optional[tuple[str, ...]], load) -> Backend:
     backend = Backend(name, devices, load)
     for op in OP_NAMES:
-        def forward(*args, _op=op):
-            return backend.implementations()[_op][0](*args)
-
-        def backward(*args, _op=op, **kwargs):
-            return backend.implementations()[_op][1](*args, **kwargs)
-
-        def saved_shape(*args, _op=op):
-            implementation = backend.implementations()[_op]
-            return implementation[2](*args) if len(implementation) > 2 else None
-
-        backend.ops[op] = define_loss_op(op, name, forward, backward, saved_shape)
+        backend.ops[op] = define_loss_op(op, name, lambda _op=op: backend.implementations()[_op])
     BACKENDS[name] = backend
     return backend
 

@@ -152,6 +152,65 @@ def test_compile_fullgraph():
     torch.testing.assert_close(hc.grad, he.grad)
 
 
+def run_mean(backend, h, y, case, weight):
+    """The batch-mean loss and both gradients of weight·loss through the public API."""
+    _, h_grid, y_grid, _, align = case
+    h = h.detach().clone().requires_grad_(True)
+    y = y.detach().clone().requires_grad_(True)
+    loss = rf.cosine_alignment_loss(h, y, h_grid=h_grid, y_grid=y_grid, align=align, backend=backend)
+    (loss * weight).backward()
+    return loss.detach(), h.grad, y.grad
+
+
+def check_mean(case, dtype, tol_grad, device="cpu"):
+    h, y = make(case, dtype, device, seed=3)
+    out = run_mean("triton", h, y, case, -1.7)
+    ref = run_mean("reference", h, y, case, -1.7)
+    assert out[0].shape == () and out[0].dtype == torch.float32
+    assert rel_rmse(out[0], ref[0]) < 1e-5
+    assert rel_rmse(out[1], ref[1]) < tol_grad and rel_rmse(out[2], ref[2]) < tol_grad
+
+
+MEAN_CASES = [ODD_CASES[0], ODD_CASES[2], BAND_CASES[1], (5, (3, 3), (3, 3), 7, "min")]
+
+
+@pytest.mark.parametrize("case", MEAN_CASES, ids=str)
+def test_batch_mean_in_the_kernels(case):
+    """reduction="mean": the forward kernel takes the batch mean and the backward its gradient (no
+    reduction launch); both as the reference's mean, and the forward's per-sample values stay right."""
+    check_mean(case, torch.float32, 1e-5)
+    from repa_fused.kernels import cosine
+
+    h, y = make(case)
+    grids = resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])
+    mean, _ = cosine.forward(h, y, *grids, mean=True)
+    again, _ = cosine.forward(h, y, *grids, mean=True)  # the batch counter was left at 0
+    per_sample, _ = cosine.forward(h, y, *grids)
+    assert mean.shape == (1, 1) and torch.equal(mean, again)
+    torch.testing.assert_close(mean[0, 0], per_sample.mean(), rtol=1e-6, atol=1e-7)
+
+
+def test_batch_mean_opcheck_and_compile():
+    case = ODD_CASES[7]
+    h, y = make(case)
+    grids = [list(g) for g in resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])]
+    op = ops.BACKENDS["triton"].ops["cosine"].custom_op
+    torch.library.opcheck(op, (h.clone().requires_grad_(True), y.clone().requires_grad_(True), *grids, True))
+
+    def loss(h, y):
+        return 3.0 * rf.cosine_alignment_loss(h, y, h_grid=case[1], y_grid=case[2], align=case[4],
+                                              backend="triton")
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    hc = h.clone().requires_grad_(True)
+    he = h.clone().requires_grad_(True)
+    out = compiled(hc, y)
+    torch.testing.assert_close(out, loss(he, y))
+    out.backward()
+    loss(he, y).backward()
+    torch.testing.assert_close(hc.grad, he.grad)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU, realistic sizes (bf16, as in training).
 
@@ -168,6 +227,7 @@ GPU_CASES = [
 def test_gpu_realistic_sizes(case):
     check(case, torch.bfloat16, 1e-5, 1e-2, device="cuda")
     check(case, torch.float32, 1e-5, 1e-5, device="cuda")
+    check_mean(case, torch.bfloat16, 1e-2, device="cuda")
 
 
 @pytest.mark.cuda
