@@ -38,8 +38,8 @@ import triton.language as tl
 
 from repa_fused.ops import triton_interpreter
 
-from .interp import (adjoint_blocks, axis_scale, axis_taps, combine_row_taps, combine_taps, device_table,
-                     load_resampled, load_row_taps, load_taps, tap_weight)
+from .interp import (adjoint_blocks, axis_scale, axis_taps, band_store_bound, combine_row_taps, combine_taps,
+                     device_table, load_resampled, load_row_taps, load_taps, tap_weight)
 
 NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,7 +53,7 @@ def _cosine_forward_kernel(
     y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
     neg_inv_n,
     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, MEAN: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr, MEAN: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks. The last
     program of sample b to finish sums the sample's partial losses (plane 3 of the scalars) in a fixed
@@ -68,25 +68,37 @@ def _cosine_forward_kernel(
     b_hh = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_yy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_hy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    # Software pipelining by hand: the raw tap tiles of chunk d + 1 are loaded before chunk d is combined.
-    offs = tl.arange(0, BLOCK_D)
-    m = t_mask[:, None] & (offs < dim)[None, :]
-    h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
-                                   H_IDENTITY)
-    y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
-                                   Y_IDENTITY)
-    for d0 in range(0, dim, BLOCK_D):
-        b_h = combine_taps(h00, h01, h10, h11, t, width_t, h_rows, h_cols, h_scale_r, h_scale_c, H_IDENTITY)
-        b_y = combine_taps(y00, y01, y10, y11, t, width_t, y_rows, y_cols, y_scale_r, y_scale_c, Y_IDENTITY)
-        offs = d0 + BLOCK_D + tl.arange(0, BLOCK_D)
+    if STAGES > 1:  # Triton's pipeliner: the chunks' loads go through shared memory, STAGES - 1 ahead
+        for d0 in tl.range(0, dim, BLOCK_D, num_stages=STAGES):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            m = t_mask[:, None] & (offs < dim)[None, :]
+            b_h = load_resampled(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
+                                 H_IDENTITY)
+            b_y = load_resampled(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
+                                 Y_IDENTITY)
+            b_hh += b_h * b_h
+            b_yy += b_y * b_y
+            b_hy += b_h * b_y
+    else:
+        # Software pipelining by hand: the raw tap tiles of chunk d + 1 are loaded before chunk d is combined.
+        offs = tl.arange(0, BLOCK_D)
         m = t_mask[:, None] & (offs < dim)[None, :]
         h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r,
                                        h_scale_c, H_IDENTITY)
         y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r,
                                        y_scale_c, Y_IDENTITY)
-        b_hh += b_h * b_h
-        b_yy += b_y * b_y
-        b_hy += b_h * b_y
+        for d0 in range(0, dim, BLOCK_D):
+            b_h = combine_taps(h00, h01, h10, h11, t, width_t, h_rows, h_cols, h_scale_r, h_scale_c, H_IDENTITY)
+            b_y = combine_taps(y00, y01, y10, y11, t, width_t, y_rows, y_cols, y_scale_r, y_scale_c, Y_IDENTITY)
+            offs = d0 + BLOCK_D + tl.arange(0, BLOCK_D)
+            m = t_mask[:, None] & (offs < dim)[None, :]
+            h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r,
+                                           h_scale_c, H_IDENTITY)
+            y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r,
+                                           y_scale_c, Y_IDENTITY)
+            b_hh += b_h * b_h
+            b_yy += b_y * b_y
+            b_hy += b_h * b_y
     norm_h = tl.sqrt(tl.sum(b_hh, 1))
     norm_y = tl.sqrt(tl.sum(b_yy, 1))
     r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
@@ -161,6 +173,23 @@ def _store_and_shift(out_base, row, j, x_cols, dim, offs, mask, acc_a, acc_b, co
 
 
 @triton.jit
+def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j, coef,
+                    height_t, x_scale_r, x_rows, PRECISION: tl.constexpr, MAX_STORES: tl.constexpr):
+    """Take target row r's gradient g back to the band: store the source rows it is past (at most
+    MAX_STORES: interp.band_store_bound), then add W·g with the row weights to source rows cur and
+    cur + 1. Returns (acc_a, acc_b, cur). (A bounded, unrolled store step, not a while loop: Triton's
+    pipeliner takes a loop body with branches, not one with an inner loop.)"""
+    r0, _, _ = axis_taps(r, x_scale_r, x_rows)
+    for _k in tl.static_range(MAX_STORES):  # rows above r0 get nothing more: store them
+        if (cur < r0) & (cur < i1):
+            acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
+    w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
+    w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
+    u = tl.dot(w_cols, g, input_precision=PRECISION)
+    return acc_a + w_a * u, acc_b + w_b * u, cur
+
+
+@triton.jit
 def _target_row_loads(x_base, z_base, s_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset,
                       x_sn, offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1,
                       z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY: tl.constexpr):
@@ -187,7 +216,7 @@ def _cosine_backward_band_kernel(
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
     neg_inv_n, grad_stride,
     Z_IDENTITY: tl.constexpr, BAND_ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, MAX_STORES: tl.constexpr,
 ):
     """One program: a band of BAND_ROWS source rows of x, BLOCK_J source columns, BLOCK_D features.
     It sweeps down the target rows that read the band, building each target row's gradient once
@@ -235,27 +264,32 @@ def _cosine_backward_band_kernel(
     # division and the column arithmetic were a fifth of the loop's instructions: sm_90 SASS).
     x_c0, x_c1, x_lc = axis_taps(c, x_scale_c, x_cols)
     z_c0, z_c1, z_lc = axis_taps(c, z_scale_c, z_cols)
-    # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic
-    # (the loop has data-dependent control flow, which Triton's pipeliner does not take).
-    x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
-        x_base, z_base, s_base, r_lo, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows, x_cols,
-        x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
-    for k_r in range(r_hi - r_lo):
-        r = r_lo + k_r
-        b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
-        b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
-        g = s0[:, None] * b_z - s_own[:, None] * b_x
+    if STAGES > 1:  # Triton's pipeliner: each row's loads go through shared memory, STAGES - 1 rows ahead
+        for k_r in tl.range(0, r_hi - r_lo, num_stages=STAGES):
+            r = r_lo + k_r
+            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
+                x_base, z_base, s_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
+                x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
+            b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
+            b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
+            g = s0[:, None] * b_z - s_own[:, None] * b_x
+            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
+                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
+    else:
+        # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic.
         x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
-            x_base, z_base, s_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
+            x_base, z_base, s_base, r_lo, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
             x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
-        r0, _, _ = axis_taps(r, x_scale_r, x_rows)
-        while (cur < r0) & (cur < i1):  # rows above r0 get nothing more: store them
-            acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
-        w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
-        w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
-        u = tl.dot(w_cols, g, input_precision=PRECISION)
-        acc_a += w_a * u
-        acc_b += w_b * u
+        for k_r in range(r_hi - r_lo):
+            r = r_lo + k_r
+            b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
+            b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
+            g = s0[:, None] * b_z - s_own[:, None] * b_x
+            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
+                x_base, z_base, s_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
+                x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
+            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
+                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     while cur < i1:
         acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
 
@@ -301,7 +335,8 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool)
             -1.0 / n_tokens)
     meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
                 BLOCK_P=min(triton.next_power_of_2(programs), 1024),
-                MEAN=mean, BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=warps)
+                MEAN=mean, BLOCK_B=min(triton.next_power_of_2(batch), 1024), STAGES=_FORWARD_STAGES,
+                num_warps=warps)
     return (programs, batch), (4, batch, n_tokens), args, meta
 
 
@@ -316,6 +351,11 @@ def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
             zr, zc, zsr, zsc, -1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
     return (triton.cdiv(n_tokens, block_j) * d_blocks, batch), args, meta
+
+
+# 1: the hand-pipelined loops; more: Triton's pipeliner with that many stages (a device sweep chooses)
+_FORWARD_STAGES = 1
+_BAND_STAGES = 1
 
 
 def _band_blocks(dim: int) -> tuple[int, int, int, int]:
@@ -342,7 +382,8 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
             len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
-                PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", num_warps=warps)
+                PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", STAGES=_BAND_STAGES,
+                MAX_STORES=band_store_bound(xr, target_grid[0], band_rows), num_warps=warps)
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
 

@@ -221,6 +221,24 @@ def adjoint_blocks(src: int, dst: int, block: int) -> tuple[tuple[int, int], ...
     return tuple(ranges)
 
 
+@functools.lru_cache(maxsize=256)
+def band_store_bound(src: int, dst: int, block: int) -> int:
+    """The most source rows that a sweep of :func:`adjoint_blocks`' bands (``block`` source rows each)
+    finishes before one target row: before target row r the sweep stores every row of its band above
+    r0(r). Over both roundings of the taps, plus one for a row whose rounding differs from the previous
+    row's: the bound of the kernels' unrolled store step."""
+    most = 0
+    for fused in (False, True):
+        r0 = _taps_fp32(src, dst, fused)[0]
+        for band, (lo, hi) in enumerate(adjoint_blocks(src, dst, block)):
+            i0 = band * block
+            cur, i1 = i0, min(i0 + block, src)
+            for r in range(lo, hi):
+                step = max(0, min(int(r0[r]), i1) - cur)
+                most, cur = max(most, step), cur + step
+    return most + 1
+
+
 _DEVICE_TABLES: dict = {}
 
 

@@ -67,6 +67,23 @@ def test_low_precision_matches_reference(case, dtype):
     check(case, dtype, 1e-5, 1e-2)
 
 
+@pytest.mark.parametrize("case", [ODD_CASES[2], WIDE_CASES[0]] + BAND_CASES[:3], ids=str)
+def test_pipelined_loops_match_reference(case, monkeypatch):
+    """The kernels' other loop form: Triton's software pipeliner (STAGES > 1) instead of the hand-pipelined
+    loop, in the forward and in the band backward."""
+    from repa_fused.kernels import cosine
+
+    monkeypatch.setattr(cosine, "_FORWARD_STAGES", 3)
+    monkeypatch.setattr(cosine, "_BAND_STAGES", 3)
+    for plan in (cosine._forward_plan, cosine._band_plan):
+        plan.cache_clear()
+    try:
+        check(case, torch.float32, 1e-5, 1e-5)
+    finally:
+        for plan in (cosine._forward_plan, cosine._band_plan):
+            plan.cache_clear()
+
+
 def test_mixed_dtypes():
     check(ODD_CASES[3], torch.bfloat16, 1e-5, 1e-2, y_dtype=torch.float32)
 
