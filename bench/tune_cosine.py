@@ -133,10 +133,10 @@ def sweep():
                 cosine._identity_blocks = identity_default
                 cosine._identity_plan.cache_clear()
                 continue
-            # (BAND_ROWS, BLOCK_J, BLOCK_D, warps)
-            for cfg in [(8, 16, 64, 4), (4, 16, 64, 4), (12, 16, 64, 4), (8, 16, 32, 2), (8, 32, 32, 4),
-                        (8, 16, 128, 8)]:
-                cosine._band_blocks = lambda dim, c=cfg: c
+            # (BAND_ROWS, BLOCK_J, BLOCK_D, warps, STAGES)
+            for cfg in [(8, 16, 64, 4, 1), (8, 16, 128, 4, 3), (8, 16, 64, 4, 3), (12, 16, 64, 4, 1),
+                        (8, 32, 64, 4, 1), (8, 16, 128, 4, 2)]:
+                cosine._band_blocks = lambda dim, rows_down, c=cfg: c
                 cosine._band_plan.cache_clear()
                 print(f"{case} backward band {cfg}: {graph_ms(bwd):.4f} ms")
             cosine._band_blocks = band_default

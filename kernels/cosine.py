@@ -53,7 +53,7 @@ def _cosine_forward_kernel(
     y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
     neg_inv_n,
     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, MEAN: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_P: tl.constexpr, MEAN: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """One program: BLOCK_T target tokens of sample b, looping over D in BLOCK_D chunks. The last
     program of sample b to finish sums the sample's partial losses (plane 3 of the scalars) in a fixed
@@ -68,37 +68,26 @@ def _cosine_forward_kernel(
     b_hh = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_yy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_hy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    if STAGES > 1:  # Triton's pipeliner: the chunks' loads go through shared memory, STAGES - 1 ahead
-        for d0 in tl.range(0, dim, BLOCK_D, num_stages=STAGES):
-            offs = d0 + tl.arange(0, BLOCK_D)
-            m = t_mask[:, None] & (offs < dim)[None, :]
-            b_h = load_resampled(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
-                                 H_IDENTITY)
-            b_y = load_resampled(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
-                                 Y_IDENTITY)
-            b_hh += b_h * b_h
-            b_yy += b_y * b_y
-            b_hy += b_h * b_y
-    else:
-        # Software pipelining by hand: the raw tap tiles of chunk d + 1 are loaded before chunk d is combined.
-        offs = tl.arange(0, BLOCK_D)
+    # Software pipelining by hand: the raw tap tiles of chunk d + 1 are loaded before chunk d is combined.
+    # (Triton's pipeliner, tl.range(num_stages=3 or 4), measured 0.5–1.7 µs slower on Flux: notes/cosine.md.)
+    offs = tl.arange(0, BLOCK_D)
+    m = t_mask[:, None] & (offs < dim)[None, :]
+    h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
+                                   H_IDENTITY)
+    y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
+                                   Y_IDENTITY)
+    for d0 in range(0, dim, BLOCK_D):
+        b_h = combine_taps(h00, h01, h10, h11, t, width_t, h_rows, h_cols, h_scale_r, h_scale_c, H_IDENTITY)
+        b_y = combine_taps(y00, y01, y10, y11, t, width_t, y_rows, y_cols, y_scale_r, y_scale_c, Y_IDENTITY)
+        offs = d0 + BLOCK_D + tl.arange(0, BLOCK_D)
         m = t_mask[:, None] & (offs < dim)[None, :]
         h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r,
                                        h_scale_c, H_IDENTITY)
         y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r,
                                        y_scale_c, Y_IDENTITY)
-        for d0 in range(0, dim, BLOCK_D):
-            b_h = combine_taps(h00, h01, h10, h11, t, width_t, h_rows, h_cols, h_scale_r, h_scale_c, H_IDENTITY)
-            b_y = combine_taps(y00, y01, y10, y11, t, width_t, y_rows, y_cols, y_scale_r, y_scale_c, Y_IDENTITY)
-            offs = d0 + BLOCK_D + tl.arange(0, BLOCK_D)
-            m = t_mask[:, None] & (offs < dim)[None, :]
-            h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r,
-                                           h_scale_c, H_IDENTITY)
-            y00, y01, y10, y11 = load_taps(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r,
-                                           y_scale_c, Y_IDENTITY)
-            b_hh += b_h * b_h
-            b_yy += b_y * b_y
-            b_hy += b_h * b_y
+        b_hh += b_h * b_h
+        b_yy += b_y * b_y
+        b_hy += b_h * b_y
     norm_h = tl.sqrt(tl.sum(b_hh, 1))
     norm_y = tl.sqrt(tl.sum(b_yy, 1))
     r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
@@ -335,8 +324,7 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool)
             -1.0 / n_tokens)
     meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
                 BLOCK_P=min(triton.next_power_of_2(programs), 1024),
-                MEAN=mean, BLOCK_B=min(triton.next_power_of_2(batch), 1024), STAGES=_FORWARD_STAGES,
-                num_warps=warps)
+                MEAN=mean, BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=warps)
     return (programs, batch), (4, batch, n_tokens), args, meta
 
 
@@ -353,36 +341,51 @@ def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
     return (triton.cdiv(n_tokens, block_j) * d_blocks, batch), args, meta
 
 
-# 1: the hand-pipelined loops; more: Triton's pipeliner with that many stages (a device sweep chooses)
-_FORWARD_STAGES = 1
-_BAND_STAGES = 1
+def _band_blocks(dim: int, rows_down: bool) -> tuple[int, int, int, int, int]:
+    """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps, STAGES) of the band backward: 16 source columns per tile
+    (the smallest a matrix product takes). Where the rows are downsampled, Triton's pipeliner with 3
+    stages and 128 features (Flux 51.1 → 47.7 µs, 64² → 32² 32.3 → 30.5 µs); otherwise the hand-pipelined
+    loop (STAGES 1) and 64 features, faster there (32² → 37²: 14.2 µs against 17.2). H100 sweep:
+    bench/results/h100_stages_sweep.log. The plan lowers BLOCK_D where many target columns read a tile
+    (upsampling), so the tiles stay in registers."""
+    if rows_down:
+        return 8, 16, max(min(triton.next_power_of_2(dim), 128), 16), 4, 3
+    return 8, 16, max(min(triton.next_power_of_2(dim), 64), 16), 4, 1
 
 
-def _band_blocks(dim: int) -> tuple[int, int, int, int]:
-    """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps) of the band backward: 16 source columns per tile (the
-    smallest a matrix product takes), up to 64 features (measured: notes/cosine.md). The plan lowers
-    BLOCK_D where many target columns read a tile (upsampling), so the tiles stay in registers."""
-    return 8, 16, max(min(triton.next_power_of_2(dim), 64), 16), 4
+# Shared memory the pipelined band loop may take per program (its stages of raw tap tiles): 3 programs
+# fit a multiprocessor.
+_STAGE_BUDGET = 64 * 1024
 
 
 @functools.lru_cache(maxsize=512)
-def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, dtype: torch.dtype):
-    """(launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band backward."""
+def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, dtype: torch.dtype,
+               z_dtype: torch.dtype):
+    """(launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band backward
+    (x: the input whose gradient it writes, z: the other)."""
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    band_rows, block_j, block_d, warps = _band_blocks(dim)
+    band_rows, block_j, block_d, warps, stages = _band_blocks(dim, xr > target_grid[0])
     col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
     block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
     if block_c > 32:  # upsampled columns: keep the target-row tile [BLOCK_C, BLOCK_D] in registers
         block_d, warps = min(block_d, max(2048 // block_c, 16)), 8
+    # The pipelined loop keeps STAGES rows of raw tiles (4 taps of x, 1 or 4 of z) in shared memory: where
+    # they would not fit the budget, fewer features (down to the hand loop's 64), then the hand loop.
+    row_bytes = (4 * dtype.itemsize + (1 if z_id else 4) * z_dtype.itemsize) * block_c
+    while stages > 1 and stages * row_bytes * block_d > _STAGE_BUDGET:
+        if block_d > 64:
+            block_d //= 2
+        else:
+            stages = 1
     table = [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
     d_blocks = triton.cdiv(dim, block_d)
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
             len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
-                PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", STAGES=_BAND_STAGES,
+                PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", STAGES=stages,
                 MAX_STORES=band_store_bound(xr, target_grid[0], band_rows), num_warps=warps)
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
@@ -449,7 +452,7 @@ def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row):
         _cosine_backward_identity_kernel[grid](x, z, out, scal, grad, *args[:6], *x.stride(), *args[6:10],
                                                *z.stride(), *scale, **meta)
     else:
-        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype)
+        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype, z.dtype)
         scale = (args[16] / batch, 0) if mean else (args[16], 1)
         _cosine_backward_band_kernel[grid](x, z, out, scal, grad, device_table(table, x.device), *args[:12],
                                            *x.stride(), *args[12:16], *z.stride(), *scale, **meta)

@@ -67,21 +67,19 @@ def test_low_precision_matches_reference(case, dtype):
     check(case, dtype, 1e-5, 1e-2)
 
 
-@pytest.mark.parametrize("case", [ODD_CASES[2], WIDE_CASES[0]] + BAND_CASES[:3], ids=str)
-def test_pipelined_loops_match_reference(case, monkeypatch):
-    """The kernels' other loop form: Triton's software pipeliner (STAGES > 1) instead of the hand-pipelined
-    loop, in the forward and in the band backward."""
+def test_cases_take_both_band_loops():
+    """The band backward has two loop forms (Triton's pipeliner where rows are downsampled, the hand-pipelined
+    loop elsewhere): the cases above take each of them."""
     from repa_fused.kernels import cosine
 
-    monkeypatch.setattr(cosine, "_FORWARD_STAGES", 3)
-    monkeypatch.setattr(cosine, "_BAND_STAGES", 3)
-    for plan in (cosine._forward_plan, cosine._band_plan):
-        plan.cache_clear()
-    try:
-        check(case, torch.float32, 1e-5, 1e-5)
-    finally:
-        for plan in (cosine._forward_plan, cosine._band_plan):
-            plan.cache_clear()
+    stages = set()
+    for b, h_grid, y_grid, d, align in CASES:
+        grids = resolve_grids(h_grid[0] * h_grid[1], y_grid[0] * y_grid[1], h_grid, y_grid, align)
+        for x_grid, z_grid in ((grids[0], grids[1]), (grids[1], grids[0])):
+            if x_grid != grids[2]:
+                stages.add(cosine._band_plan(b, d, x_grid, z_grid, grids[2], 1, torch.float32,
+                                                    torch.float32)[3]["STAGES"])
+    assert stages == {1, 3}
 
 
 def test_mixed_dtypes():
