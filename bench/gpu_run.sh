@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, kernel tuning, benchmark, check. Logs go to $OUT (the device
 # tool brings them back). Usage: bash bench/gpu_run.sh [tests] [tune] [split] [ncu] [bench CASES...] [check]
+# (CHECK_ARGS, e.g. "--backends triton", and CHECK_TIMEOUT pass on to the check step)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 step() { echo "== $1 ($(date +%T))"; }
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
       grep -E "^  _cosine|Duration|DRAM Throughput|L2 Hit|L1/TEX Hit|Achieved Occupancy|Theoretical Occ|Registers Per|Warp Cycles Per Issued|Issued Warp|No Eligible|Eligible Warps|Waves Per SM|Mem Busy|Max Bandwidth" \
         "$OUT/ncu_flux.txt" | head -60; shift ;;
     check) step check
-      timeout 400 repa-fused check --device cuda -v > "$OUT/check_cuda.log" 2>&1; echo "exit $?" >> "$OUT/check_cuda.log"
+      timeout "${CHECK_TIMEOUT:-400}" repa-fused check --device cuda -v ${CHECK_ARGS:-} > "$OUT/check_cuda.log" 2>&1; echo "exit $?" >> "$OUT/check_cuda.log"
       grep -v "^  " "$OUT/check_cuda.log" | tail -40; shift ;;
     *) echo "unknown step $1"; shift ;;
   esac
