@@ -88,39 +88,28 @@ def _cosine_forward_kernel(
         b_hh += b_h * b_h
         b_yy += b_y * b_y
         b_hy += b_h * b_y
-    _finish_tokens(tl.sum(b_hh, 1), tl.sum(b_yy, 1), tl.sum(b_hy, 1), t, t_mask, b, pid, tl.num_programs(0),
-                   out_ptr, mean_ptr, scal_ptr, count_ptr, n_tokens, plane, batch, neg_inv_n, BLOCK_P, MEAN, BLOCK_B)
-
-
-@triton.jit
-def _finish_tokens(hh, yy, hy, t, t_mask, b, group, groups, out_ptr, mean_ptr, scal_ptr, count_ptr, n_tokens,
-                   plane, batch, neg_inv_n, BLOCK_P: tl.constexpr, MEAN: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Tokens t of sample b (group ``group`` of the sample's ``groups``) with their full-D sums ‖h_t‖²,
-    ‖y_t‖², h_t·y_t: store the 3 scalars and the group's partial loss; the last group of the sample to
-    finish sums the partials in a fixed order (deterministic, no second launch), and with MEAN the last
-    sample to finish takes the batch mean the same way. count_ptr: B sample counters, then the batch's;
-    each is left at 0 for the next launch."""
-    norm_h = tl.sqrt(hh)
-    norm_y = tl.sqrt(yy)
+    norm_h = tl.sqrt(tl.sum(b_hh, 1))
+    norm_y = tl.sqrt(tl.sum(b_yy, 1))
     r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
     r_y = 1.0 / tl.maximum(norm_y, NORM_EPS)
-    cos = hy * r_h * r_y
+    cos = tl.sum(b_hy, 1) * r_h * r_y
     p_scal = scal_ptr + b * n_tokens + t
     tl.store(p_scal, r_h * r_y, mask=t_mask)
     tl.store(p_scal + plane, tl.where(norm_h > NORM_EPS, cos * r_h * r_h, 0.0), mask=t_mask)
     tl.store(p_scal + 2 * plane, tl.where(norm_y > NORM_EPS, cos * r_y * r_y, 0.0), mask=t_mask)
-    p_part = scal_ptr + 3 * plane + b * groups
-    tl.store(p_part + group, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
+    programs = tl.num_programs(0)
+    p_part = scal_ptr + 3 * plane + b * programs
+    tl.store(p_part + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
     # Every thread's stores precede the (acq_rel, gpu-scope) ticket; the last ticket reads them all.
     tl.debug_barrier()
     ticket = tl.atomic_add(count_ptr + b, 1)
-    if ticket == groups - 1:
+    if ticket == programs - 1:
         acc = tl.zeros((BLOCK_P,), tl.float32)
-        for p0 in range(0, groups, BLOCK_P):
+        for p0 in range(0, programs, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
-            acc += tl.load(p_part + p, mask=p < groups, other=0.0, cache_modifier=".cg")
+            acc += tl.load(p_part + p, mask=p < programs, other=0.0, cache_modifier=".cg")
         tl.store(out_ptr + b, tl.sum(acc, 0))
-        tl.atomic_xchg(count_ptr + b, 0)
+        tl.atomic_xchg(count_ptr + b, 0)  # ready for the next launch
         if MEAN:
             tl.debug_barrier()  # this sample's loss is stored before its ticket
             finished = tl.atomic_add(count_ptr + batch, 1)
@@ -131,54 +120,6 @@ def _finish_tokens(hh, yy, hy, t, t_mask, b, group, groups, out_ptr, mean_ptr, s
                     acc_b += tl.load(out_ptr + bs, mask=bs < batch, other=0.0, cache_modifier=".cg")
                 tl.store(mean_ptr, tl.sum(acc_b, 0) / batch)
                 tl.atomic_xchg(count_ptr + batch, 0)
-
-
-@triton.jit
-def _cosine_forward_split_kernel(
-    h_ptr, y_ptr, out_ptr, mean_ptr, scal_ptr, part_ptr, count_ptr,
-    n_tokens, dim, width_t, plane, batch, d_blocks,
-    h_rows, h_cols, h_scale_r, h_scale_c, h_sb, h_sn, h_sd,
-    y_rows, y_cols, y_scale_r, y_scale_c, y_sb, y_sn, y_sd,
-    neg_inv_n,
-    H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DB: tl.constexpr, BLOCK_P: tl.constexpr, MEAN: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    """The forward with D split across programs: one program, BLOCK_T target tokens × one BLOCK_D chunk,
-    no loop. Neighbouring programs read neighbouring chunks of the same tokens at the same time (whole
-    token rows from DRAM, not 256-byte pieces of many rows). Each stores its 3 partial sums per token; the
-    last of the d_blocks programs of a token group (a ticket per group) adds them in a fixed order and
-    finishes the tokens. count_ptr: B·groups group counters, then the sample and batch counters."""
-    pid = tl.program_id(0)
-    group = pid // d_blocks
-    db = pid % d_blocks
-    b = tl.program_id(1)
-    groups = tl.num_programs(0) // d_blocks
-    t = group * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < n_tokens
-    offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = t_mask[:, None] & (offs < dim)[None, :]
-    b_h = load_resampled(h_ptr + b.to(tl.int64) * h_sb, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols,
-                         h_scale_r, h_scale_c, H_IDENTITY)
-    b_y = load_resampled(y_ptr + b.to(tl.int64) * y_sb, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols,
-                         y_scale_r, y_scale_c, Y_IDENTITY)
-    slot = b * groups + group
-    lanes = tl.arange(0, BLOCK_T)
-    p_mine = part_ptr + (slot * d_blocks + db) * 3 * BLOCK_T + lanes
-    tl.store(p_mine, tl.sum(b_h * b_h, 1))
-    tl.store(p_mine + BLOCK_T, tl.sum(b_y * b_y, 1))
-    tl.store(p_mine + 2 * BLOCK_T, tl.sum(b_h * b_y, 1))
-    tl.debug_barrier()
-    ticket = tl.atomic_add(count_ptr + slot, 1)
-    if ticket == d_blocks - 1:
-        dbs = tl.arange(0, BLOCK_DB)
-        p_all = part_ptr + (slot * d_blocks + dbs[:, None]) * 3 * BLOCK_T + lanes[None, :]
-        m_all = (dbs < d_blocks)[:, None] & (lanes >= 0)[None, :]
-        hh = tl.sum(tl.load(p_all, mask=m_all, other=0.0, cache_modifier=".cg"), 0)
-        yy = tl.sum(tl.load(p_all + BLOCK_T, mask=m_all, other=0.0, cache_modifier=".cg"), 0)
-        hy = tl.sum(tl.load(p_all + 2 * BLOCK_T, mask=m_all, other=0.0, cache_modifier=".cg"), 0)
-        tl.atomic_xchg(count_ptr + slot, 0)
-        _finish_tokens(hh, yy, hy, t, t_mask, b, group, groups, out_ptr, mean_ptr, scal_ptr,
-                       count_ptr + batch * groups, n_tokens, plane, batch, neg_inv_n, BLOCK_P, MEAN, BLOCK_B)
 
 
 @triton.jit
@@ -350,9 +291,6 @@ def _cosine_backward_band_kernel(
 _TILE = 8192 if triton_interpreter() else 2048
 
 
-_FORWARD_SPLIT = True  # D split across programs (a device sweep decides)
-
-
 def _forward_blocks(dim: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps): 1024-element tiles (126 registers, 4 programs per multiprocessor),
     D chunks of up to 128 (measured: notes/cosine.md)."""
@@ -375,25 +313,19 @@ def _axis(grid, target) -> tuple[int, int, float, float, bool]:
 
 @functools.lru_cache(maxsize=512)
 def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool):
-    """(launch grid, scalars shape, partial sums (elements; 0: the loop kernel), counters, runtime args after
-    the pointers, constexprs). The scalars tensor has 4 planes of B·N: s0, s1, s2, then the token groups'
-    partial losses."""
+    """(launch grid, scalars shape, runtime args after the pointers, constexprs). The scalars tensor
+    has 4 planes of B·N: s0, s1, s2, then the programs' partial losses."""
     n_tokens = target_grid[0] * target_grid[1]
     block_t, block_d, warps = _forward_blocks(dim)
-    groups = triton.cdiv(n_tokens, block_t)
-    d_blocks = triton.cdiv(dim, block_d) if _FORWARD_SPLIT else 1
+    programs = triton.cdiv(n_tokens, block_t)
     hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
     args = (n_tokens, dim, target_grid[1], batch * n_tokens, batch, hr, hc, hsr, hsc, yr, yc, ysr, ysc,
             -1.0 / n_tokens)
     meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
-                BLOCK_P=min(triton.next_power_of_2(groups), 1024),
+                BLOCK_P=min(triton.next_power_of_2(programs), 1024),
                 MEAN=mean, BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=warps)
-    if d_blocks == 1:
-        return (groups, batch), (4, batch, n_tokens), 0, batch + 1, args, meta
-    meta["BLOCK_DB"] = triton.next_power_of_2(d_blocks)
-    return ((groups * d_blocks, batch), (4, batch, n_tokens), batch * groups * d_blocks * 3 * block_t,
-            batch * groups + batch + 1, args, meta)
+    return (programs, batch), (4, batch, n_tokens), args, meta
 
 
 @functools.lru_cache(maxsize=512)
@@ -464,11 +396,11 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
 _COUNTERS: dict = {}
 
 
-def _counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least ``count`` zeroed counters (the kernels' tickets; every launch leaves them at 0)."""
+def _counters(device: torch.device, batch: int) -> torch.Tensor:
+    """B per-sample counters, then the batch's."""
     counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = _COUNTERS[device] = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+    if counters is None or counters.numel() < batch + 1:
+        counters = _COUNTERS[device] = torch.zeros(max(batch + 1, 256), dtype=torch.int32, device=device)
     return counters
 
 
@@ -487,20 +419,12 @@ def _launch_forward(h, y, h_grid, y_grid, target_grid, mean):
         _check("h", h)
         _check("y", y)
     batch = h.shape[0]
-    grid, scal_shape, parts, counts, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid,
-                                                                mean)
+    grid, scal_shape, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid, mean)
     scal = torch.empty(scal_shape, device=h.device, dtype=torch.float32)
     out = torch.empty((1, batch), device=h.device, dtype=torch.float32)
     batch_mean = torch.empty((1, 1), device=h.device, dtype=torch.float32) if mean else out
-    counters = _counters(h.device, counts)
-    if parts:
-        partial = torch.empty(parts, device=h.device, dtype=torch.float32)
-        _cosine_forward_split_kernel[grid](h, y, out, batch_mean, scal, partial, counters, *args[:5],
-                                           triton.cdiv(h.shape[2], meta["BLOCK_D"]), *args[5:9], *h.stride(),
-                                           *args[9:13], *y.stride(), args[13], **meta)
-    else:
-        _cosine_forward_kernel[grid](h, y, out, batch_mean, scal, counters, *args[:5], *args[5:9], *h.stride(),
-                                     *args[9:13], *y.stride(), args[13], **meta)
+    _cosine_forward_kernel[grid](h, y, out, batch_mean, scal, _counters(h.device, batch), *args[:5], *args[5:9],
+                                 *h.stride(), *args[9:13], *y.stride(), args[13], **meta)
     return batch_mean, scal[:3]
 
 

@@ -67,28 +67,6 @@ def test_low_precision_matches_reference(case, dtype):
     check(case, dtype, 1e-5, 1e-2)
 
 
-@pytest.mark.parametrize("case", [ODD_CASES[0], ODD_CASES[2], WIDE_CASES[0], BAND_CASES[0],
-                                  (5, (3, 3), (3, 3), 7, "min")], ids=str)
-@pytest.mark.parametrize("split", [False, True])
-def test_both_forward_kernels_match_reference(case, split, monkeypatch):
-    """The forward with the D loop in one program and with D split across programs (small feature chunks,
-    so that these small D take several), per sample and batch mean."""
-    from repa_fused.kernels import cosine
-
-    monkeypatch.setattr(cosine, "_FORWARD_SPLIT", split)
-    monkeypatch.setattr(cosine, "_forward_blocks", lambda dim: (4, 4, 4))
-    cosine._forward_plan.cache_clear()
-    try:
-        check(case, torch.float32, 1e-5, 1e-5)
-        check_mean(case, torch.float32, 1e-5)
-        h, y = make(case)
-        grids = resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])
-        parts = cosine._forward_plan(h.shape[0], h.shape[2], *grids, False)[2]
-        assert (parts > 0) == (split and h.shape[2] > 4)
-    finally:
-        cosine._forward_plan.cache_clear()
-
-
 def test_cases_take_both_band_loops():
     """The band backward has two loop forms (Triton's pipeliner where rows are downsampled, the hand-pipelined
     loop elsewhere): the cases above take each of them."""
