@@ -162,7 +162,7 @@ def _store_and_shift(out_base, row, j, x_cols, dim, offs, mask, acc_a, acc_b, co
 
 
 @triton.jit
-def _add_target_row(g, r, cur, i1, w_cols, w_lo, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j, coef,
+def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j, coef,
                     height_t, x_scale_r, x_rows, PRECISION: tl.constexpr, MAX_STORES: tl.constexpr):
     """Take target row r's gradient g back to the band: store the source rows it is past (at most
     MAX_STORES: interp.band_store_bound), then add W·g with the row weights to source rows cur and
@@ -174,11 +174,7 @@ def _add_target_row(g, r, cur, i1, w_cols, w_lo, acc_a, acc_b, out_base, j, x_co
             acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
     w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
     w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
-    if PRECISION == "bf16x2":  # W = w_cols + w_lo, both bf16 (exact to ~2^-17); g rounded to bf16 once
-        g16 = g.to(tl.bfloat16)
-        u = tl.dot(w_cols, g16) + tl.dot(w_lo, g16)
-    else:
-        u = tl.dot(w_cols, g, input_precision=PRECISION)
+    u = tl.dot(w_cols, g, input_precision=PRECISION)
     return acc_a + w_a * u, acc_b + w_b * u, cur
 
 
@@ -243,11 +239,6 @@ def _cosine_backward_band_kernel(
     d_mask = offs < dim
     m_j = j_mask[:, None] & d_mask[None, :]
     w_cols = tl.where(j_mask[:, None], tap_weight(j[:, None], c[None, :], width_t, x_scale_c, x_cols), 0.0)
-    w_lo = w_cols
-    if PRECISION == "bf16x2":
-        w_hi = w_cols.to(tl.bfloat16)
-        w_lo = (w_cols - w_hi.to(tl.float32)).to(tl.bfloat16)
-        w_cols = w_hi
     x_base = x_ptr + b.to(tl.int64) * x_sb
     z_base = z_ptr + b.to(tl.int64) * z_sb
     out_base = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim
@@ -271,8 +262,8 @@ def _cosine_backward_band_kernel(
             b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
             b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
             g = s0[:, None] * b_z - s_own[:, None] * b_x
-            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, w_lo, acc_a, acc_b, out_base, j, x_cols, dim,
-                                                offs, m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
+            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
+                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     else:
         # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic.
         x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
@@ -286,8 +277,8 @@ def _cosine_backward_band_kernel(
             x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
                 x_base, z_base, s_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
                 x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
-            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, w_lo, acc_a, acc_b, out_base, j, x_cols, dim,
-                                                offs, m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
+            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
+                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     while cur < i1:
         acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
 
@@ -362,20 +353,6 @@ def _band_blocks(dim: int, rows_down: bool) -> tuple[int, int, int, int, int]:
     return 8, 16, max(min(triton.next_power_of_2(dim), 64), 16), 4, 1
 
 
-# bf16 products on the GPU; the CPU interpreter computes bf16 arithmetic wrongly, so it takes tf32 there
-# (the bf16 path is tested on the device: tests marked cuda, `repa-fused check --device cuda`).
-_BF16_PRODUCT = not triton_interpreter()
-
-
-def _band_precision(dtype: torch.dtype) -> str:
-    """Precision of the column adjoint's matrix product for gradients stored in ``dtype``: tf32x3 (≈ fp32)
-    for fp32, tf32 for fp16, and for bf16 two bf16 products (the weights split in two bf16 parts, the
-    gradient rounded to bf16 once, as its store does anyway)."""
-    if dtype == torch.float32:
-        return "tf32x3"
-    return "bf16x2" if dtype == torch.bfloat16 and _BF16_PRODUCT else "tf32"
-
-
 # Shared memory the pipelined band loop may take per program (its stages of raw tap tiles): 3 programs
 # fit a multiprocessor.
 _STAGE_BUDGET = 64 * 1024
@@ -408,7 +385,7 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
             len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
-                PRECISION=_band_precision(dtype), STAGES=stages,
+                PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", STAGES=stages,
                 MAX_STORES=band_store_bound(xr, target_grid[0], band_rows), num_warps=warps)
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
