@@ -104,22 +104,24 @@ def _cosine_forward_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(count_ptr + b, 1)
     if ticket == programs - 1:
-        acc = tl.zeros((BLOCK_P,), tl.float32)
-        for p0 in range(0, programs, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            acc += tl.load(p_part + p, mask=p < programs, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + b, tl.sum(acc, 0))
+        tl.store(out_ptr + b, _ordered_sum(p_part, programs, BLOCK_P))
         tl.atomic_xchg(count_ptr + b, 0)  # ready for the next launch
         if MEAN:
             tl.debug_barrier()  # this sample's loss is stored before its ticket
             finished = tl.atomic_add(count_ptr + batch, 1)
             if finished == batch - 1:
-                acc_b = tl.zeros((BLOCK_B,), tl.float32)
-                for b0 in range(0, batch, BLOCK_B):
-                    bs = b0 + tl.arange(0, BLOCK_B)
-                    acc_b += tl.load(out_ptr + bs, mask=bs < batch, other=0.0, cache_modifier=".cg")
-                tl.store(mean_ptr, tl.sum(acc_b, 0) / batch)
+                tl.store(mean_ptr, _ordered_sum(out_ptr, batch, BLOCK_B) / batch)
                 tl.atomic_xchg(count_ptr + batch, 0)
+
+
+@triton.jit
+def _ordered_sum(ptr, count, BLOCK: tl.constexpr):
+    """Σ ptr[0:count] in a fixed order (deterministic), read past L1: other programs wrote the values."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i0 in range(0, count, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + i, mask=i < count, other=0.0, cache_modifier=".cg")
+    return tl.sum(acc, 0)
 
 
 @triton.jit
