@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
         timeout 200 repa-fused bench --cases "$c" --reps 30 --json "$OUT/bench_$c.json" 2>&1 | tail -8; done ;;
     ncu) step "ncu flux"  # hardware counters of the forward and band kernels (Firecracker machines)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      if [ -z "$NCU" ]; then echo "ncu: Nsight Compute not found on this machine"; shift; continue; fi
       timeout 300 "$NCU" --clock-control none -k regex:_cosine --launch-skip 4 --launch-count 2 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
         --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats \

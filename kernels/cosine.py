@@ -168,8 +168,9 @@ def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, di
                     height_t, x_scale_r, x_rows, PRECISION: tl.constexpr, MAX_STORES: tl.constexpr):
     """Take target row r's gradient g back to the band: store the source rows it is past (at most
     MAX_STORES: interp.band_store_bound), then add W·g with the row weights to source rows cur and
-    cur + 1. Returns (acc_a, acc_b, cur). (A bounded, unrolled store step, not a while loop: Triton's
-    pipeliner takes a loop body with branches, not one with an inner loop.)"""
+    cur + 1. Returns (acc_a, acc_b, cur). Both loop forms use it. (A bounded, unrolled store step rather
+    than a while loop, because Triton's pipeliner takes a loop body with branches, not one with an inner
+    loop.)"""
     r0, _, _ = axis_taps(r, x_scale_r, x_rows)
     for _k in tl.static_range(MAX_STORES):  # rows above r0 get nothing more: store them
         if (cur < r0) & (cur < i1):

@@ -25,11 +25,13 @@ from . import reference
 OP_NAMES = ("cosine", "manifold", "urepa")
 TERMS = {"cosine": 1, "manifold": 1, "urepa": 2}
 
-# forward(h, y, h_grid, y_grid, target_grid) -> (T, B) losses, or ((T, B) losses, saved) where ``saved``
-# is one float32 tensor of O(B·N) values the backward reuses (per-token norms, say) instead of recomputing.
+# forward(h, y, h_grid, y_grid, target_grid[, mean=True]) -> (T, B) losses, or ((T, B) losses, saved) where
+# ``saved`` is one float32 tensor of O(B·N) values the backward reuses (per-token norms, say) instead of
+# recomputing; ``mean=True`` (only to an OpImpl with fused_mean) asks for the (T, 1) batch means instead.
 ForwardImpl = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
-# backward(grad (T, B), h, y, h_grid, y_grid, target_grid, needs_h, needs_y[, saved=saved])
-#     -> (grad_h | None, grad_y | None); ``saved=`` is passed only to a backend whose forward returns it.
+# backward(grad (T, B), h, y, h_grid, y_grid, target_grid, needs_h, needs_y[, saved=saved][, mean=True])
+#     -> (grad_h | None, grad_y | None); ``saved=`` is passed only to a backend whose forward returns it,
+#     ``mean=True`` (with a (T, 1) grad) only to an OpImpl with fused_mean.
 BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 # saved_shape(h, y, h_grid, y_grid, target_grid) -> shape of ``saved`` (for the fake implementation);
 # None for a backend that saves nothing.
@@ -186,7 +188,7 @@ def _reference_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
     return {op: make(op) for op in OP_NAMES}
 
 
-def _triton_implementations() -> dict[str, tuple]:
+def _triton_implementations() -> dict[str, Union[OpImpl, tuple]]:
     from .kernels import cosine, manifold
 
     return {"cosine": OpImpl(cosine.forward, cosine.backward, cosine.saved_shape, fused_mean=True),
@@ -227,8 +229,8 @@ def _cpp_available(device: torch.device) -> bool:
 @dataclass
 class Backend:
     """A named implementation of the ops. ``ops[op]`` is the differentiable callable
-    ``(h, y, h_grid, y_grid, target_grid) -> (T, B)``; ``devices`` lists the device types it runs on
-    (None: any device PyTorch runs on)."""
+    ``(h, y, h_grid, y_grid, target_grid, mean=False) -> (T, B)``, or (T, 1) batch means with ``mean=True``;
+    ``devices`` lists the device types it runs on (None: any device PyTorch runs on)."""
 
     name: str
     devices: Optional[tuple[str, ...]]
