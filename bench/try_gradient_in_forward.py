@@ -1,16 +1,10 @@
 """Experiment (device): does producing the gradient in the forward, sample chunk by sample chunk, let the
-backward kernel's reads hit L2? Kernel-level graph-replay times of the existing launchers on views."""
+backward kernel's reads hit L2? Kernel-level graph-replay times of the existing launchers on views.
+Rejected (notes/cosine.md, bench/results/h100_try_gradient_in_forward.log)."""
 import torch
-from triton.testing import do_bench_cudagraph
 
 from repa_fused.kernels import cosine
-
-CASES = {"sit": (32, (16, 16), (16, 16), 768, (16, 16)), "flux": (4, (64, 64), (37, 37), 1536, (37, 37)),
-         "up": (2, (32, 32), (37, 37), 1152, (37, 37))}
-
-
-def ms(fn):
-    return do_bench_cudagraph(fn, rep=100, return_mode="median")
+from tune_cosine import CASES, graph_ms as ms, inputs, min_bytes
 
 
 def main():
@@ -22,11 +16,11 @@ def main():
     del src, dst
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for case, (b, hg, yg, d, tg) in CASES.items():
-        h = torch.randn(b, hg[0] * hg[1], d, device="cuda", dtype=torch.bfloat16)
-        y = torch.randn(b, yg[0] * yg[1], d, device="cuda", dtype=torch.bfloat16)
+        h, y = inputs(case)
+        h = h.detach()
         g = torch.full((1, b), 1.0 / b, device="cuda")
         grids = (hg, yg, tg)
-        mb = (2 * h.numel() + y.numel()) * 2 / 1e6
+        mb = min_bytes(h, y) / 1e6
         saved = cosine.forward(h, y, *grids)[1]
         fw = ms(lambda: cosine.forward(h, y, *grids))
         bw = ms(lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved))

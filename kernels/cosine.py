@@ -16,14 +16,16 @@ and ∂/∂h is the adjoint resampling of ∂/∂h_t (interp.py).
 
 Data movement. The forward reads h and y once (the taps' re-reads hit L2) and writes only O(B·N) values:
 the three per-token scalars (s0, s1, s2) and per-program partial sums of the loss, which the last program
-of each sample adds up in a fixed order (one launch, deterministic). The backward reads those scalars
+of each sample adds up in a fixed order (one launch, deterministic); for reduction="mean" the last sample
+then takes the batch mean the same way, and the backward reads the mean's gradient directly. The backward reads those scalars
 instead of reducing over D again, so it is one streaming pass: read h and y, write the gradient. The
 scalars travel from forward to backward as the op's saved tensor (ops.define_loss_op).
 
 Backward kernels. An input already on the target grid takes a flat kernel (one load of each operand per
 output element). A resampled input takes the band kernel: each program owns a band of source rows and
 sweeps down the target rows that read it, building each target row's gradient once and taking it back
-with the separable adjoint (columns: a small matrix product; rows: the 2 row weights). Every output
+with the separable adjoint (columns: a small matrix product; rows: the 2 row weights). Its row loop is
+pipelined by Triton where rows are downsampled and by hand elsewhere (measured: notes/cosine.md). Every output
 element is written by one program, once: deterministic, no atomics. Both walk samples (and bands) in the
 reverse order of the forward, so they start on the data the forward read last (still in L2).
 """

@@ -248,4 +248,5 @@ def test_opcheck_reference_ops():
     y.requires_grad_(True)
     for op in ops.OP_NAMES:
         custom = ops.BACKENDS["reference"].ops[op].custom_op
-        torch.library.opcheck(custom, (h, y, [4, 4], [3, 3], [3, 3]))
+        for mean in (False, True):  # per sample (T, B), and the batch mean taken around the backend (T, 1)
+            torch.library.opcheck(custom, (h, y, [4, 4], [3, 3], [3, 3], mean))

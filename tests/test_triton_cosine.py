@@ -206,7 +206,7 @@ def test_batch_mean_in_the_kernels(case):
 
 
 def test_batch_mean_opcheck_and_compile():
-    case = ODD_CASES[7]
+    case = ODD_CASES[3]  # B = 2: the mean's (1, 1) differs from the per-sample (1, B)
     h, y = make(case)
     grids = [list(g) for g in resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])]
     op = ops.BACKENDS["triton"].ops["cosine"].custom_op
