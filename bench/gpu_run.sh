@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, kernel tuning, benchmark, check. Logs go to $OUT (the device
-# tool brings them back). Usage: bash bench/gpu_run.sh [tests] [tune] [stencil] [split] [ncu] [bench CASES...] [check]
+# tool brings them back). Usage: bash bench/gpu_run.sh [tests] [tune] [split] [ncu] [bench CASES...] [check]
 # (CHECK_ARGS, e.g. "--backends triton", and CHECK_TIMEOUT pass on to the check step)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,12 +17,10 @@ while [ $# -gt 0 ]; do
         2>&1 | tail -15 | tee "$OUT/cuda_tests.log"; shift ;;
     tune) step tune
       timeout 300 python3 bench/tune_cosine.py --sweep 2>&1 | tee "$OUT/tune_cosine.log" | tail -60; shift ;;
-    stencil) step stencil  # the band backward's column adjoint: stencil against matrix product
-      (cd bench && timeout 300 python3 sweep_stencil.py) 2>&1 | tee "$OUT/sweep_stencil.log" | tail -70; shift ;;
     split) step split  # eager / compile / triton and the forward-backward split, no sweep
       timeout 200 python3 bench/tune_cosine.py 2>&1 | tee "$OUT/split_cosine.log" | tail -25; shift ;;
     bench) shift; cases=""
-      while [ $# -gt 0 ] && [ "$1" != tests ] && [ "$1" != tune ] && [ "$1" != stencil ] && [ "$1" != split ] && [ "$1" != ncu ] && [ "$1" != check ]; do
+      while [ $# -gt 0 ] && [ "$1" != tests ] && [ "$1" != tune ] && [ "$1" != split ] && [ "$1" != ncu ] && [ "$1" != check ]; do
         cases="$cases $1"; shift; done
       for c in $cases; do step "bench $c"
         timeout 200 repa-fused bench --cases "$c" --reps 30 --json "$OUT/bench_$c.json" 2>&1 | tail -8; done ;;

@@ -40,8 +40,8 @@ import triton.language as tl
 
 from repa_fused.ops import triton_interpreter
 
-from .interp import (adjoint_blocks, adjoint_span, axis_scale, axis_taps, band_store_bound, combine_row_taps,
-                     combine_taps, device_table, load_resampled, load_row_taps, load_taps, tap_weight, taps_advance)
+from .interp import (adjoint_blocks, axis_scale, axis_taps, band_store_bound, combine_row_taps, combine_taps,
+                     device_table, load_resampled, load_row_taps, load_taps, tap_weight)
 
 NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -166,19 +166,20 @@ def _store_and_shift(out_base, row, j, x_cols, dim, offs, mask, acc_a, acc_b, co
 
 
 @triton.jit
-def _add_target_row(u, r, cur, i1, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j, coef, height_t, x_scale_r,
-                    x_rows, MAX_STORES: tl.constexpr):
-    """Add u, target row r's gradient already taken to the band's source columns, with the row weights to
-    source rows cur and cur + 1, after storing the source rows r is past (at most MAX_STORES:
-    interp.band_store_bound). Returns (acc_a, acc_b, cur). Every loop form uses it. (A bounded, unrolled
-    store step rather than a while loop, because Triton's pipeliner takes a loop body with branches, not
-    one with an inner loop.)"""
+def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j, coef,
+                    height_t, x_scale_r, x_rows, PRECISION: tl.constexpr, MAX_STORES: tl.constexpr):
+    """Take target row r's gradient g back to the band: store the source rows it is past (at most
+    MAX_STORES: interp.band_store_bound), then add W·g with the row weights to source rows cur and
+    cur + 1. Returns (acc_a, acc_b, cur). Both loop forms use it. (A bounded, unrolled store step rather
+    than a while loop, because Triton's pipeliner takes a loop body with branches, not one with an inner
+    loop.)"""
     r0, _, _ = axis_taps(r, x_scale_r, x_rows)
     for _k in tl.static_range(MAX_STORES):  # rows above r0 get nothing more: store them
         if (cur < r0) & (cur < i1):
             acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
     w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
     w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
+    u = tl.dot(w_cols, g, input_precision=PRECISION)
     return acc_a + w_a * u, acc_b + w_b * u, cur
 
 
@@ -266,9 +267,8 @@ def _cosine_backward_band_kernel(
             b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
             b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
             g = s0[:, None] * b_z - s_own[:, None] * b_x
-            u = tl.dot(w_cols, g, input_precision=PRECISION)
-            acc_a, acc_b, cur = _add_target_row(u, r, cur, i1, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j,
-                                                coef, height_t, x_scale_r, x_rows, MAX_STORES)
+            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
+                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     else:
         # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic.
         x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
@@ -282,165 +282,8 @@ def _cosine_backward_band_kernel(
             x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
                 x_base, z_base, s_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
                 x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
-            u = tl.dot(w_cols, g, input_precision=PRECISION)
-            acc_a, acc_b, cur = _add_target_row(u, r, cur, i1, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j,
-                                                coef, height_t, x_scale_r, x_rows, MAX_STORES)
-    while cur < i1:
-        acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
-
-
-@triton.jit
-def _lerp(a, b, t):
-    """fp32 (1 − t)·a + t·b of two raw tiles and a scalar t."""
-    a = a.to(tl.float32)
-    return a + t * (b.to(tl.float32) - a)
-
-
-@triton.jit
-def _stencil_row_loads(x_base, z_base, s_base, r, r_hi, j_lo, j_mid, j_hi, c_a, c_b, za_0, za_1, zb_0, zb_1,
-                       d_mask, width_t, own_offset, x_sn, offs_x, x_rows, x_cols, x_scale_r,
-                       z_sn, offs_z, z_rows, z_cols, z_scale_r, Z_IDENTITY: tl.constexpr, TWO: tl.constexpr):
-    """Everything target row r's stencil reads, raw (combined later by :func:`_stencil_row`): x's source rows
-    r0, r1 at source columns j − 1, j, j + 1 (6 tiles), z's tap tiles at the target columns c_a (and c_b,
-    with TWO) that read column j, and their s0 and s_own; nothing is read when r ≥ r_hi."""
-    live = j_mid * 0 + r < r_hi  # (a [BLOCK_J] comparison: the interpreter rejects scalar & tensor masks)
-    m = live[:, None] & d_mask[None, :]
-    r0, r1, _ = axis_taps(r, x_scale_r, x_rows)
-    d = offs_x[None, :]
-    x0l = tl.load(x_base + (r0 * x_cols + j_lo)[:, None] * x_sn + d, mask=m, other=0.0)
-    x0m = tl.load(x_base + (r0 * x_cols + j_mid)[:, None] * x_sn + d, mask=m, other=0.0)
-    x0h = tl.load(x_base + (r0 * x_cols + j_hi)[:, None] * x_sn + d, mask=m, other=0.0)
-    x1l = tl.load(x_base + (r1 * x_cols + j_lo)[:, None] * x_sn + d, mask=m, other=0.0)
-    x1m = tl.load(x_base + (r1 * x_cols + j_mid)[:, None] * x_sn + d, mask=m, other=0.0)
-    x1h = tl.load(x_base + (r1 * x_cols + j_hi)[:, None] * x_sn + d, mask=m, other=0.0)
-    za00, za01, za10, za11 = load_row_taps(z_base, r, c_a, za_0, za_1, z_sn, offs_z, m, z_rows, z_cols, z_scale_r,
-                                           Z_IDENTITY)
-    s0a = tl.load(s_base + r * width_t + c_a, mask=live, other=0.0)
-    soa = tl.load(s_base + own_offset + r * width_t + c_a, mask=live, other=0.0)
-    if TWO:
-        zb00, zb01, zb10, zb11 = load_row_taps(z_base, r, c_b, zb_0, zb_1, z_sn, offs_z, m, z_rows, z_cols,
-                                               z_scale_r, Z_IDENTITY)
-        s0b = tl.load(s_base + r * width_t + c_b, mask=live, other=0.0)
-        sob = tl.load(s_base + own_offset + r * width_t + c_b, mask=live, other=0.0)
-    else:  # unused (no second reader): no loads
-        zb00, zb01, zb10, zb11, s0b, sob = za00, za01, za10, za11, s0a, soa
-    return x0l, x0m, x0h, x1l, x1m, x1h, za00, za01, za10, za11, zb00, zb01, zb10, zb11, s0a, soa, s0b, sob
-
-
-@triton.jit
-def _stencil_row(x0l, x0m, x0h, x1l, x1m, x1h, za00, za01, za10, za11, zb00, zb01, zb10, zb11, s0a, soa, s0b, sob,
-                 r, x_rows, x_scale_r, z_rows, z_scale_r, za_l, zb_l, wa, wb, pa_l, pa_m, pa_h, pb_m, pb_h,
-                 Z_IDENTITY: tl.constexpr, TWO: tl.constexpr):
-    """u[j] = Σ_c W[j, c]·g[c], target row r's gradient g = s0·z_t − s_own·x_t taken to source columns j, as a
-    stencil (no matrix product): x_t[c] = Σ_j' W[j', c]·x_r[j'] with x_r the row-resampled x, and the
-    targets c that read j read only j − 1, j, j + 1, so
-
-        u[j] = Σ_c W[j, c]·s0[c]·z_t[c] − Σ_{o = −1, 0, 1} (Σ_c W[j, c]·W[j + o, c]·s_own[c])·x_r[j + o]
-
-    over the readers c ∈ {c_a, c_b} of j; p·_o = W[j, c·]·W[j + o, c·] and w· = W[j, c·] are per program.
-    The later reader c_b reads j and j + 1 (the plan takes the stencil only where the readers' first taps
-    strictly advance: interp.taps_advance), so the j − 1 term comes from c_a alone."""
-    _, _, lr = axis_taps(r, x_scale_r, x_rows)
-    k_l = pa_l * soa
-    k_m = pa_m * soa
-    k_h = pa_h * soa
-    u = (wa * s0a)[:, None] * combine_row_taps(za00, za01, za10, za11, r, za_l, z_rows, z_scale_r, Z_IDENTITY)
-    if TWO:
-        k_m += pb_m * sob
-        k_h += pb_h * sob
-        u += (wb * s0b)[:, None] * combine_row_taps(zb00, zb01, zb10, zb11, r, zb_l, z_rows, z_scale_r, Z_IDENTITY)
-    u -= k_l[:, None] * _lerp(x0l, x1l, lr)
-    u -= k_m[:, None] * _lerp(x0m, x1m, lr)
-    u -= k_h[:, None] * _lerp(x0h, x1h, lr)
-    return u
-
-
-@triton.jit
-def _cosine_backward_stencil_kernel(
-    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, table_ptr,
-    n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, start_offset,
-    x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
-    z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
-    neg_inv_n, grad_stride,
-    Z_IDENTITY: tl.constexpr, BAND_ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-    TWO: tl.constexpr, STAGES: tl.constexpr, MAX_STORES: tl.constexpr,
-):
-    """The band backward (above) with the column adjoint as a stencil (:func:`_stencil_row`) instead of a
-    matrix product, where each source column is read by at most two target columns (columns downsampled):
-    all in fp32 registers, no trip through shared memory. One program: a band of BAND_ROWS source rows,
-    BLOCK_J source columns, BLOCK_D features.
-
-    table: int32 [per band, the [lo, hi) run of target rows that read it | from start_offset, per source
-    column j, the first target column that reads it (interp.adjoint_span)]."""
-    pid = tl.program_id(0)
-    jt = pid // d_blocks
-    db = pid % d_blocks
-    band = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = batch - 1 - tl.program_id(2)
-    i0 = band * BAND_ROWS
-    i1 = tl.minimum(i0 + BAND_ROWS, x_rows)
-    r_lo = tl.load(table_ptr + 2 * band)
-    r_hi = tl.load(table_ptr + 2 * band + 1)
-    j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_mask = j < x_cols
-    j_mid = tl.minimum(j, x_cols - 1)  # clamped: every load is in bounds; the weights of a clamped column are 0
-    j_lo = tl.maximum(j_mid - 1, 0)
-    j_hi = tl.minimum(j_mid + 1, x_cols - 1)
-    offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs < dim
-    m_j = j_mask[:, None] & d_mask[None, :]
-    # The readers of column j, their weights and the stencil's column products: the same on every row.
-    c_a = tl.load(table_ptr + start_offset + j_mid)
-    c_b = c_a + 1
-    wa = tap_weight(j, c_a, width_t, x_scale_c, x_cols)
-    wb = tap_weight(j, c_b, width_t, x_scale_c, x_cols)  # 0 past the last target column
-    pa_l = wa * tap_weight(j - 1, c_a, width_t, x_scale_c, x_cols)
-    pa_m = wa * wa
-    pa_h = wa * tap_weight(j + 1, c_a, width_t, x_scale_c, x_cols)
-    pb_m = wb * wb
-    pb_h = wb * tap_weight(j + 1, c_b, width_t, x_scale_c, x_cols)
-    c_b = tl.minimum(c_b, width_t - 1)  # for the loads
-    za_0, za_1, za_l = axis_taps(c_a, z_scale_c, z_cols)
-    zb_0, zb_1, zb_l = axis_taps(c_b, z_scale_c, z_cols)
-    x_base = x_ptr + b.to(tl.int64) * x_sb
-    z_base = z_ptr + b.to(tl.int64) * z_sb
-    out_base = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim
-    s_base = scal_ptr + b * n_tokens
-    coef = tl.load(grad_ptr + b * grad_stride) * neg_inv_n
-    acc_a = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur`
-    acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur + 1`
-    cur = i0
-    offs_x = offs * x_sd
-    offs_z = offs * z_sd
-    if STAGES > 1:  # Triton's pipeliner: each row's loads go through shared memory, STAGES - 1 rows ahead
-        for k_r in tl.range(0, r_hi - r_lo, num_stages=STAGES):
-            r = r_lo + k_r
-            x0l, x0m, x0h, x1l, x1m, x1h, za00, za01, za10, za11, zb00, zb01, zb10, zb11, s0a, soa, s0b, sob = \
-                _stencil_row_loads(x_base, z_base, s_base, r, r_hi, j_lo, j_mid, j_hi, c_a, c_b, za_0, za_1, zb_0,
-                                   zb_1, d_mask, width_t, own_offset, x_sn, offs_x, x_rows, x_cols, x_scale_r, z_sn,
-                                   offs_z, z_rows, z_cols, z_scale_r, Z_IDENTITY, TWO)
-            u = _stencil_row(x0l, x0m, x0h, x1l, x1m, x1h, za00, za01, za10, za11, zb00, zb01, zb10, zb11, s0a, soa,
-                             s0b, sob, r, x_rows, x_scale_r, z_rows, z_scale_r, za_l, zb_l, wa, wb, pa_l, pa_m, pa_h,
-                             pb_m, pb_h, Z_IDENTITY, TWO)
-            acc_a, acc_b, cur = _add_target_row(u, r, cur, i1, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j,
-                                                coef, height_t, x_scale_r, x_rows, MAX_STORES)
-    else:
-        # Software pipelining by hand: the loads of target row r + 1 are issued before row r is added.
-        x0l, x0m, x0h, x1l, x1m, x1h, za00, za01, za10, za11, zb00, zb01, zb10, zb11, s0a, soa, s0b, sob = \
-            _stencil_row_loads(x_base, z_base, s_base, r_lo, r_hi, j_lo, j_mid, j_hi, c_a, c_b, za_0, za_1, zb_0,
-                               zb_1, d_mask, width_t, own_offset, x_sn, offs_x, x_rows, x_cols, x_scale_r, z_sn,
-                               offs_z, z_rows, z_cols, z_scale_r, Z_IDENTITY, TWO)
-        for k_r in range(r_hi - r_lo):
-            r = r_lo + k_r
-            u = _stencil_row(x0l, x0m, x0h, x1l, x1m, x1h, za00, za01, za10, za11, zb00, zb01, zb10, zb11, s0a, soa,
-                             s0b, sob, r, x_rows, x_scale_r, z_rows, z_scale_r, za_l, zb_l, wa, wb, pa_l, pa_m, pa_h,
-                             pb_m, pb_h, Z_IDENTITY, TWO)
-            x0l, x0m, x0h, x1l, x1m, x1h, za00, za01, za10, za11, zb00, zb01, zb10, zb11, s0a, soa, s0b, sob = \
-                _stencil_row_loads(x_base, z_base, s_base, r + 1, r_hi, j_lo, j_mid, j_hi, c_a, c_b, za_0, za_1,
-                                   zb_0, zb_1, d_mask, width_t, own_offset, x_sn, offs_x, x_rows, x_cols, x_scale_r,
-                                   z_sn, offs_z, z_rows, z_cols, z_scale_r, Z_IDENTITY, TWO)
-            acc_a, acc_b, cur = _add_target_row(u, r, cur, i1, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j,
-                                                coef, height_t, x_scale_r, x_rows, MAX_STORES)
+            acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
+                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     while cur < i1:
         acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
 
@@ -503,7 +346,7 @@ def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
     return (triton.cdiv(n_tokens, block_j) * d_blocks, batch), args, meta
 
 
-def _band_blocks(dim: int, rows_down: bool, stencil: bool) -> tuple[int, int, int, int, int]:
+def _band_blocks(dim: int, rows_down: bool) -> tuple[int, int, int, int, int]:
     """(BAND_ROWS, BLOCK_J, BLOCK_D, num_warps, STAGES) of the band backward: 16 source columns per tile
     (the smallest a matrix product takes). Where the rows are downsampled, Triton's pipeliner with 3
     stages and 128 features (Flux 51.1 → 47.7 µs, 64² → 32² 32.3 → 30.5 µs); otherwise the hand-pipelined
@@ -518,54 +361,38 @@ def _band_blocks(dim: int, rows_down: bool, stencil: bool) -> tuple[int, int, in
 # Shared memory the pipelined band loop may take per program (its stages of raw tap tiles): 3 programs
 # fit a multiprocessor.
 _STAGE_BUDGET = 64 * 1024
-# The column adjoint is a stencil where no source column has more than this many target readers
-# (columns downsampled), a matrix product otherwise.
-_STENCIL_SPAN = 2
 
 
 @functools.lru_cache(maxsize=512)
 def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, dtype: torch.dtype,
                z_dtype: torch.dtype):
-    """(kernel, launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band
-    backward (x: the input whose gradient it writes, z: the other)."""
+    """(launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band backward
+    (x: the input whose gradient it writes, z: the other)."""
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    starts, span = adjoint_span(xc, target_grid[1])
-    stencil = span <= _STENCIL_SPAN and taps_advance(xc, target_grid[1])
-    band_rows, block_j, block_d, warps, stages = _band_blocks(dim, xr > target_grid[0], stencil)
+    band_rows, block_j, block_d, warps, stages = _band_blocks(dim, xr > target_grid[0])
+    col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
-    z_tiles = 1 if z_id else 4
-    if stencil:
-        # Per row, 6 tiles of x and 1 or 2 readers' z tiles, BLOCK_J wide.
-        row_bytes = (6 * dtype.itemsize + span * z_tiles * z_dtype.itemsize) * block_j
-        table = [v for rng in row_ranges for v in rng] + list(starts)
-        columns = (len(row_ranges) * 2, triton.cdiv(xc, block_j))
-        kernel, extra = _cosine_backward_stencil_kernel, dict(TWO=span == 2)
-    else:
-        col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
-        block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
-        if block_c > 32:  # upsampled columns: keep the target-row tile [BLOCK_C, BLOCK_D] in registers
-            block_d, warps = min(block_d, max(2048 // block_c, 16)), 8
-        # Per row, 4 tap tiles of x and 1 or 4 of z, BLOCK_C wide.
-        row_bytes = (4 * dtype.itemsize + z_tiles * z_dtype.itemsize) * block_c
-        table = [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
-        columns = (len(col_ranges), len(col_ranges))
-        kernel = _cosine_backward_band_kernel
-        extra = dict(BLOCK_C=block_c, PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3")
-    # The pipelined loop keeps STAGES rows of raw tiles in shared memory: where they would not fit the
-    # budget, fewer features (down to the hand loop's 64), then the hand loop.
+    block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
+    if block_c > 32:  # upsampled columns: keep the target-row tile [BLOCK_C, BLOCK_D] in registers
+        block_d, warps = min(block_d, max(2048 // block_c, 16)), 8
+    # The pipelined loop keeps STAGES rows of raw tiles (4 taps of x, 1 or 4 of z) in shared memory: where
+    # they would not fit the budget, fewer features (down to the hand loop's 64), then the hand loop.
+    row_bytes = (4 * dtype.itemsize + (1 if z_id else 4) * z_dtype.itemsize) * block_c
     while stages > 1 and stages * row_bytes * block_d > _STAGE_BUDGET:
         if block_d > 64:
             block_d //= 2
         else:
             stages = 1
+    table = [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
     d_blocks = triton.cdiv(dim, block_d)
     args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
-            columns[0], xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
-    meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_D=block_d, STAGES=stages,
-                MAX_STORES=band_store_bound(xr, target_grid[0], band_rows), num_warps=warps, **extra)
-    return kernel, (columns[1] * d_blocks, len(row_ranges), batch), tuple(table), args, meta
+            len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
+    meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
+                PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", STAGES=stages,
+                MAX_STORES=band_store_bound(xr, target_grid[0], band_rows), num_warps=warps)
+    return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
 
 # Per-sample ticket counters of the forward's last-program reduction, one buffer per device; every
@@ -630,10 +457,9 @@ def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row):
         _cosine_backward_identity_kernel[grid](x, z, out, scal, grad, *args[:6], *x.stride(), *args[6:10],
                                                *z.stride(), *scale, **meta)
     else:
-        kernel, grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype,
-                                                     z.dtype)
+        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype, z.dtype)
         scale = (args[16] / batch, 0) if mean else (args[16], 1)
-        kernel[grid](x, z, out, scal, grad, device_table(table, x.device), *args[:12],
+        _cosine_backward_band_kernel[grid](x, z, out, scal, grad, device_table(table, x.device), *args[:12],
                                            *x.stride(), *args[12:16], *z.stride(), *scale, **meta)
     return out
 

@@ -239,14 +239,6 @@ def band_store_bound(src: int, dst: int, block: int) -> int:
     return most + 1
 
 
-@functools.lru_cache(maxsize=256)
-def taps_advance(src: int, dst: int) -> bool:
-    """Whether the first tap r0 strictly increases from each target to the next, over both roundings
-    (downsampling and identity axes): then the targets that read a source index i read i − 1 and i, or i
-    and i + 1, in that order, and there are at most two of them."""
-    return all(bool(np.all(np.diff(_taps_fp32(src, dst, fused)[0]) >= 1)) for fused in (False, True))
-
-
 _DEVICE_TABLES: dict = {}
 
 
