@@ -10,8 +10,11 @@ encoder is saved to a temporary folder and a folder of random 1024 px JPEGs is c
 
 Timed (CUDA events; median of --reps after --warmup):
 - steps: the UNet's forward + MSE + backward alone ("unet step"), then with a U-REPA regularizer attached whose
-  ``reg.loss`` reads the cache (keys=), decodes the clean latents with the VAE or the TAE and runs the encoder
-  (latents=, vae=). Overhead = step − unet step, in ms and % of the unet step; peak memory per step.
+  ``reg.loss`` reads the cache in the step (keys=), takes features read ahead from the cache and pinned, as
+  a DataLoader's workers and pin thread give them (features=; the read is not timed), or decodes the clean
+  latents with the VAE or the TAE and runs the encoder (latents=, vae=). Overhead = step − unet step, in ms
+  and % of the unet step; peak memory per step. The unet step is timed again last: its "overhead" is the
+  drift of the measurement over the run.
 - components, one at a time: the VAE / TAE decode, the encoder forward, ``cache.get`` with a warm page cache
   and with the shards evicted from it (posix_fadvise DONTNEED), the projector + U-REPA loss forward+backward.
 
@@ -206,11 +209,22 @@ def main(argv=None) -> int:
         return torch.cuda.max_memory_allocated() / 2**30
 
     config = {"urepa_enabled": True, "urepa_model": enc_dir, "urepa_encoder_image_size": enc_size}
+    cached = {**config, "urepa_feature_cache": cache_dir}
+    ahead = {}
+
+    def read_ahead():  # what a DataLoader's worker (cache.get) and pin thread do while the previous step runs
+        tokens = cache.get(keys)[0]
+        ahead["features"] = tokens.pin_memory() if device.type == "cuda" else tokens
+
+    # (name, config, encoder, reg.loss source, untimed preparation before each step)
     variants = [
-        ("unet step", None, None, {}),
-        ("+ U-REPA, cached features", {**config, "urepa_feature_cache": cache_dir}, None, {"keys": keys}),
-        ("+ U-REPA, TAE decode + encode", {**config, "urepa_use_tae": True}, encoder, {"latents": latents, "vae": tae}),
-        ("+ U-REPA, VAE decode + encode", config, encoder, {"latents": latents, "vae": vae}),
+        ("unet step", None, None, {}, None),
+        ("+ U-REPA, cached features read in the step (keys=)", cached, None, {"keys": keys}, None),
+        ("+ U-REPA, cached features read ahead (features=, pinned)", cached, None, ahead, read_ahead),
+        ("+ U-REPA, TAE decode + encode", {**config, "urepa_use_tae": True}, encoder, {"latents": latents, "vae": tae},
+         None),
+        ("+ U-REPA, VAE decode + encode", config, encoder, {"latents": latents, "vae": vae}, None),
+        ("unet step, again last (drift)", None, None, {}, None),
     ]
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}",
            "torch": torch.__version__, "repa_fused": rf.__version__, "python": platform.python_version(),
@@ -241,14 +255,17 @@ def main(argv=None) -> int:
         with open(path, "w") as fh:
             json.dump(report, fh, indent=1)
 
-    for name, cfg, enc, source in variants:
+    for name, cfg, enc, source, prepare in variants:
         log(f"timing {name}")
         reg = rf.build_regularizer(cfg, unet, encoder=enc) if cfg is not None else None
-        if reg is not None and "keys" in source:
-            assert reg.encoder is None, "the cached path must not load the encoder"
+        before = zero_grad if prepare is None else (lambda prepare=prepare: (prepare(), zero_grad()))
         try:
-            row = {"variant": name, **timer(lambda: step(reg, **source), before=zero_grad),
-                   "peak_gib": peak_gib(lambda: step(reg, **source))}
+            row = {"variant": name, **timer(lambda: step(reg, **source), before=before)}
+            if prepare is not None:
+                prepare()
+            row["peak_gib"] = peak_gib(lambda: step(reg, **source))
+            if cfg is not None and "urepa_feature_cache" in cfg:
+                assert reg.encoder is None, "the cached path must not load the encoder"
         except torch.OutOfMemoryError as exc:
             row = {"variant": name, "error": f"out of memory: {exc}".splitlines()[0]}
         finally:

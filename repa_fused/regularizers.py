@@ -93,8 +93,9 @@ class AlignmentRegularizer:
 
         Exactly one source of the clean image's features: ``pixels`` (B, 3, H, W) in [-1, 1]; ``latents``
         (B, C, h, w) with ``vae`` (AutoencoderKL, or AutoencoderTiny when ``*_use_tae``), decoded to pixels;
-        ``features`` (B, N, D) encoder patch tokens you computed (``features_grid`` (H, W) when N is not a
-        square); ``keys`` (B names) looked up in the ``*_feature_cache``.
+        ``features`` (B, N, D) encoder patch tokens you computed, or read from the ``*_feature_cache`` in your
+        DataLoader's workers (``features_grid`` (H, W) when N is not a square; pinned ones are copied without
+        blocking); ``keys`` (B names) looked up in the ``*_feature_cache`` here, in the step.
         """
         if self._removed:
             raise RuntimeError(f"this {self.NAME} regularizer was removed")
@@ -152,9 +153,10 @@ class AlignmentRegularizer:
         p = self.config.PREFIX
         if keys is not None and self.feature_cache is None:
             raise ValueError(f"keys= reads the feature cache, but {p}feature_cache is not set")
-        if self.feature_cache is not None and keys is None:
-            raise ValueError(f"{p}feature_cache is set: pass keys= (the cached images' keys) so that neither the "
-                             "encoder nor the VAE is ever loaded")
+        if self.feature_cache is not None and keys is None and features is None:
+            raise ValueError(f"{p}feature_cache is set: pass keys= (the cached images' keys), or features= read "
+                             "from the cache by your DataLoader, so that neither the encoder nor the VAE is ever "
+                             "loaded")
 
     def _features(self, tokens, pixels, latents, vae, features, features_grid, keys) -> tuple[torch.Tensor, Grid]:
         batch, device = tokens.shape[0], tokens.device
@@ -165,7 +167,9 @@ class AlignmentRegularizer:
             if not isinstance(features, torch.Tensor) or features.dim() != 3:
                 raise ValueError(f"features must be a (B, N, D) tensor, got "
                                  f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)}")
-            y, y_grid, source = features.detach().to(device), features_grid, "features"
+            # Pinned features (a DataLoader's pin_memory=True) copy without blocking the host, as cache reads do.
+            y = features.detach().to(device, non_blocking=features.device.type == "cpu" and features.is_pinned())
+            y_grid, source = features_grid, "features"
         else:
             with torch.no_grad():  # the encoder checks the pixels' shape and [-1, 1] range
                 if latents is not None:

@@ -337,6 +337,11 @@ def test_cache_keys_path(fake_cache, cached):
     forward(tiny)
     with pytest.raises(ValueError, match="crepa_feature_cache is set: pass keys="):
         reg.loss(step=0, pixels=pixels())
+    # features read from the same cache ahead of the step (in a DataLoader's workers) give the same loss
+    forward(tiny)
+    loss_ahead, _ = reg.loss(step=0, features=y)
+    torch.testing.assert_close(loss_ahead, loss)
+    assert reg.encoder is None
 
 
 @pytest.mark.parametrize("change, message", [
@@ -484,6 +489,19 @@ def test_accelerate_checkpointing_resumes_the_schedule(tmp_path):
     assert reg.state_dict() == saved
 
 
+class CacheRows(torch.utils.data.Dataset):
+    """One cached image's tokens per item, read in the loader's workers (the cache pickles without its maps)."""
+
+    def __init__(self, cache, keys):
+        self.cache, self.keys = cache, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return self.cache.get([self.keys[i]])[0][0]
+
+
 def test_real_feature_cache_gives_the_live_loss(tmp_path, dinov2_dir):
     import numpy as np
     from PIL import Image
@@ -510,6 +528,13 @@ def test_real_feature_cache_gives_the_live_loss(tmp_path, dinov2_dir):
     cached_loss, _ = cached.loss(step=0, keys=["a.png", "b.png"])
     assert cached.encoder is None
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-4, atol=1e-5)
+    # The README's read-ahead recipe: rows read in DataLoader worker processes, passed as features=
+    loader = torch.utils.data.DataLoader(CacheRows(rf.FeatureCache(str(tmp_path / "cache")), ["a.png", "b.png"]),
+                                         batch_size=2, num_workers=2)
+    forward(tiny)
+    ahead_loss, _ = cached.loss(step=0, features=next(iter(loader)))
+    assert cached.encoder is None
+    torch.testing.assert_close(ahead_loss, live_loss, rtol=1e-4, atol=1e-5)
     forward(tiny)
     with pytest.raises(KeyError, match="c.png"):
         cached.loss(step=0, keys=["a.png", "c.png"])
