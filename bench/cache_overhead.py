@@ -16,7 +16,10 @@ Timed (CUDA events; median of --reps after --warmup):
   and % of the unet step; peak memory per step. The unet step is timed again last: its "overhead" is the
   drift of the measurement over the run.
 - components, one at a time: the VAE / TAE decode, the encoder forward, ``cache.get`` with a warm page cache
-  and with the shards evicted from it (posix_fadvise DONTNEED), the projector + U-REPA loss forward+backward.
+  and with the shards evicted from it (posix_fadvise DONTNEED), the projector + U-REPA loss forward+backward
+  (and on a GPU its GPU time alone, by CUDA-graph replay).
+- queued: the same steps with the host running ahead (``--queue`` steps back to back, no synchronisation
+  between them, as in a training loop; the sources made beforehand), per step.
 
 Writes ``<out-dir>/cache_overhead_<gpu>.json`` and prints a markdown table.
 """
@@ -31,6 +34,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 import tempfile
 
 import numpy as np
@@ -95,6 +99,31 @@ class Timer:
         times = benchmarks.time_ms(fn, self.device, reps or self.reps, warmup=self.warmup, before=before)
         return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
 
+    def queued(self, fn, make_source, between, steps: int, reps: int) -> dict:
+        """Per-step ms with the host running ahead, as in a training loop: ``steps`` calls ``fn(source)`` queued
+        back to back (no synchronisation between them; ``between()`` ahead of each), timed as one, median over
+        ``reps`` after one warm-up. The sources are made before the timing (what a DataLoader has ready)."""
+        def run() -> float:
+            sources = [make_source() for _ in range(steps)]
+            benchmarks._synchronize(self.device)
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            for source in sources:
+                between()
+                fn(source)
+            if self.device.type == "cuda":
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / steps
+            return (time.perf_counter() - t0) * 1e3 / steps
+
+        run()
+        times = [run() for _ in range(reps)]
+        return {"queued_ms": statistics.median(times), "queued_min_ms": min(times), "queued_max_ms": max(times),
+                "queued_reps": reps, "queued_steps": steps}
+
 
 def write_images(folder: str, count: int, size: int) -> None:
     from PIL import Image
@@ -126,6 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder-size", type=int, default=518)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--queue", type=int, default=8, help="steps queued back to back in the queued timing")
     parser.add_argument("--cache-images", type=int, default=64, help="images cached for the throughput figure")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
@@ -210,21 +240,20 @@ def main(argv=None) -> int:
 
     config = {"urepa_enabled": True, "urepa_model": enc_dir, "urepa_encoder_image_size": enc_size}
     cached = {**config, "urepa_feature_cache": cache_dir}
-    ahead = {}
 
-    def read_ahead():  # what a DataLoader's worker (cache.get) and pin thread do while the previous step runs
+    def read_ahead():  # what a DataLoader's worker (cache.get) and pin thread have ready before the step
         tokens = cache.get(keys)[0]
-        ahead["features"] = tokens.pin_memory() if device.type == "cuda" else tokens
+        return {"features": tokens.pin_memory() if device.type == "cuda" else tokens}
 
-    # (name, config, encoder, reg.loss source, untimed preparation before each step)
+    # (name, config, encoder, the reg.loss source of one step (made untimed), timed queued too)
     variants = [
-        ("unet step", None, None, {}, None),
-        ("+ U-REPA, cached features read in the step (keys=)", cached, None, {"keys": keys}, None),
-        ("+ U-REPA, cached features read ahead (features=, pinned)", cached, None, ahead, read_ahead),
-        ("+ U-REPA, TAE decode + encode", {**config, "urepa_use_tae": True}, encoder, {"latents": latents, "vae": tae},
-         None),
-        ("+ U-REPA, VAE decode + encode", config, encoder, {"latents": latents, "vae": vae}, None),
-        ("unet step, again last (drift)", None, None, {}, None),
+        ("unet step", None, None, dict, True),
+        ("+ U-REPA, cached features read in the step (keys=)", cached, None, lambda: {"keys": keys}, True),
+        ("+ U-REPA, cached features read ahead (features=, pinned)", cached, None, read_ahead, True),
+        ("+ U-REPA, TAE decode + encode", {**config, "urepa_use_tae": True}, encoder,
+         lambda: {"latents": latents, "vae": tae}, True),
+        ("+ U-REPA, VAE decode + encode", config, encoder, lambda: {"latents": latents, "vae": vae}, False),
+        ("unet step, again last (drift)", None, None, dict, True),
     ]
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}",
            "torch": torch.__version__, "repa_fused": rf.__version__, "python": platform.python_version(),
@@ -255,14 +284,17 @@ def main(argv=None) -> int:
         with open(path, "w") as fh:
             json.dump(report, fh, indent=1)
 
-    for name, cfg, enc, source, prepare in variants:
+    for name, cfg, enc, make_source, queue in variants:
         log(f"timing {name}")
         reg = rf.build_regularizer(cfg, unet, encoder=enc) if cfg is not None else None
-        before = zero_grad if prepare is None else (lambda prepare=prepare: (prepare(), zero_grad()))
+        source = {}
+        before = lambda make_source=make_source: (source.update(make_source()), zero_grad())  # noqa: E731
         try:
             row = {"variant": name, **timer(lambda: step(reg, **source), before=before)}
-            if prepare is not None:
-                prepare()
+            if queue:
+                row.update(timer.queued(lambda src: step(reg, **src), make_source, zero_grad, args.queue, args.reps))
+            source.clear()
+            source.update(make_source())
             row["peak_gib"] = peak_gib(lambda: step(reg, **source))
             if cfg is not None and "urepa_feature_cache" in cfg:
                 assert reg.encoder is None, "the cached path must not load the encoder"
@@ -273,11 +305,14 @@ def main(argv=None) -> int:
                 reg.remove()
             zero_grad()
         steps.append(row)
-    base = steps[0]["median_ms"]
+    base, base_queued = steps[0]["median_ms"], steps[0].get("queued_ms")
     for row in steps[1:]:
         if "median_ms" in row:
             row["overhead_ms"] = row["median_ms"] - base
             row["overhead_pct"] = 100 * row["overhead_ms"] / base
+        if "queued_ms" in row and base_queued:
+            row["queued_overhead_ms"] = row["queued_ms"] - base_queued
+            row["queued_overhead_pct"] = 100 * row["queued_overhead_ms"] / base_queued
     save()
 
     log("timing components")
@@ -314,6 +349,12 @@ def main(argv=None) -> int:
         parts.append({"component": name, **timer(fn, before=before or (lambda: None),
                                                  reps=None if "cache" not in name else 4 * args.reps)})
 
+    if device.type == "cuda":  # the same without the host: what it costs a step whose host runs ahead
+        log("timing projector + U-REPA loss fwd+bwd by graph replay")
+        gpu_ms = benchmarks.graph_time_ms(loss_fwd_bwd, device, args.reps)
+        if gpu_ms is not None:
+            parts.append({"component": "projector + U-REPA loss fwd+bwd, GPU time (graph replay)",
+                          "median_ms": gpu_ms, "reps": args.reps})
     report["setup"].update(unet_mid_grid=list(h_grid), encoder_grid=list(y_grid), encoder_width=y.shape[-1])
     save()
     log(f"wrote {path}")
@@ -325,14 +366,18 @@ def format_table(report: dict) -> str:
     env, setup = report["environment"], report["setup"]
     lines = [f"{env['device']} | torch {env['torch']} | {setup['dtype']} | batch {setup['batch']} at "
              f"{setup['resolution']} px, encoder at {setup['encoder_size']} px | {env['date']}", "",
-             "| step | ms | overhead ms | % of UNet step | peak GiB |", "|---|---:|---:|---:|---:|"]
+             "| step | ms, synchronised | overhead | ms, queued | overhead | peak GiB |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row in report["steps"]:
         if "error" in row:
-            lines.append(f"| {row['variant']} | {row['error']} | | | |")
+            lines.append(f"| {row['variant']} | {row['error']} | | | | |")
             continue
-        over = f"{row['overhead_ms']:.1f}" if "overhead_ms" in row else ""
-        pct = f"{row['overhead_pct']:.1f}%" if "overhead_pct" in row else ""
-        lines.append(f"| {row['variant']} | {row['median_ms']:.1f} | {over} | {pct} | {row['peak_gib']:.1f} |")
+        over = (f"{row['overhead_ms']:.1f} ({row['overhead_pct']:.1f}%)" if "overhead_ms" in row else "")
+        queued = f"{row['queued_ms']:.1f}" if "queued_ms" in row else ""
+        q_over = (f"{row['queued_overhead_ms']:.1f} ({row['queued_overhead_pct']:.1f}%)"
+                  if "queued_overhead_ms" in row else "")
+        lines.append(f"| {row['variant']} | {row['median_ms']:.1f} | {over} | {queued} | {q_over} | "
+                     f"{row['peak_gib']:.1f} |")
     base = report["steps"][0].get("median_ms")
     lines += ["", "| component | ms | % of UNet step |", "|---|---:|---:|"]
     for row in report["components"]:
