@@ -19,7 +19,8 @@ Timed (CUDA events; median of --reps after --warmup):
   and with the shards evicted from it (posix_fadvise DONTNEED), the projector + U-REPA loss forward+backward
   (and on a GPU its GPU time alone, by CUDA-graph replay).
 - queued: the same steps with the host running ahead (``--queue`` steps back to back, no synchronisation
-  between them, as in a training loop; the sources made beforehand), per step.
+  between them, as in a training loop; the sources made beforehand), per step, median over --reps rounds
+  that each time every variant once (a drift of the machine reaches all of them alike).
 
 Writes ``<out-dir>/cache_overhead_<gpu>.json`` and prints a markdown table.
 """
@@ -99,30 +100,24 @@ class Timer:
         times = benchmarks.time_ms(fn, self.device, reps or self.reps, warmup=self.warmup, before=before)
         return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
 
-    def queued(self, fn, make_source, between, steps: int, reps: int) -> dict:
+    def queued(self, fn, make_source, between, steps: int) -> float:
         """Per-step ms with the host running ahead, as in a training loop: ``steps`` calls ``fn(source)`` queued
-        back to back (no synchronisation between them; ``between()`` ahead of each), timed as one, median over
-        ``reps`` after one warm-up. The sources are made before the timing (what a DataLoader has ready)."""
-        def run() -> float:
-            sources = [make_source() for _ in range(steps)]
-            benchmarks._synchronize(self.device)
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            for source in sources:
-                between()
-                fn(source)
-            if self.device.type == "cuda":
-                end.record()
-                end.synchronize()
-                return start.elapsed_time(end) / steps
-            return (time.perf_counter() - t0) * 1e3 / steps
-
-        run()
-        times = [run() for _ in range(reps)]
-        return {"queued_ms": statistics.median(times), "queued_min_ms": min(times), "queued_max_ms": max(times),
-                "queued_reps": reps, "queued_steps": steps}
+        back to back (no synchronisation between them; ``between()`` ahead of each), timed as one. The sources
+        are made before the timing (what a DataLoader has ready)."""
+        sources = [make_source() for _ in range(steps)]
+        benchmarks._synchronize(self.device)
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for source in sources:
+            between()
+            fn(source)
+        if self.device.type == "cuda":
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / steps
+        return (time.perf_counter() - t0) * 1e3 / steps
 
 
 def write_images(folder: str, count: int, size: int) -> None:
@@ -156,9 +151,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--queue", type=int, default=8, help="steps queued back to back in the queued timing")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="keep fp32 matmuls (the projector, the U-REPA loss on its fp32 output) in IEEE fp32; by "
+                             "default TF32 is allowed, as SimpleTuner and most SDXL trainers do")
     parser.add_argument("--cache-images", type=int, default=64, help="images cached for the throughput figure")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
 
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import Dinov2Config, Dinov2Model
@@ -253,7 +252,7 @@ def main(argv=None) -> int:
         ("+ U-REPA, TAE decode + encode", {**config, "urepa_use_tae": True}, encoder,
          lambda: {"latents": latents, "vae": tae}, True),
         ("+ U-REPA, VAE decode + encode", config, encoder, lambda: {"latents": latents, "vae": vae}, False),
-        ("unet step, again last (drift)", None, None, dict, True),
+        ("unet step, again last (drift)", None, None, dict, False),
     ]
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}",
            "torch": torch.__version__, "repa_fused": rf.__version__, "python": platform.python_version(),
@@ -269,7 +268,8 @@ def main(argv=None) -> int:
     report = {
         "environment": env,
         "setup": {"batch": batch, "resolution": resolution, "latent": latent, "encoder_size": enc_size,
-                  "dtype": str(dtype).replace("torch.", ""), "tiny": bool(args.tiny)},
+                  "dtype": str(dtype).replace("torch.", ""), "tiny": bool(args.tiny), "tf32": not args.no_tf32,
+                  "queue": args.queue, "reps": args.reps},
         "cache_build": {"images": summary.encoded, "seconds": summary.seconds, "workers": build["num_workers"],
                         "encode_seconds": summary.encode_seconds,
                         "images_per_second": summary.encoded / summary.encode_seconds,
@@ -291,8 +291,6 @@ def main(argv=None) -> int:
         before = lambda make_source=make_source: (source.update(make_source()), zero_grad())  # noqa: E731
         try:
             row = {"variant": name, **timer(lambda: step(reg, **source), before=before)}
-            if queue:
-                row.update(timer.queued(lambda src: step(reg, **src), make_source, zero_grad, args.queue, args.reps))
             source.clear()
             source.update(make_source())
             row["peak_gib"] = peak_gib(lambda: step(reg, **source))
@@ -305,6 +303,27 @@ def main(argv=None) -> int:
                 reg.remove()
             zero_grad()
         steps.append(row)
+    # Queued, in rounds: every round times each variant once, so that a drift of the machine over the run (the
+    # synchronised unet step, timed first and last, shows it) reaches every variant alike.
+    queued = [(name, cfg, enc, make_source) for name, cfg, enc, make_source, queue in variants if queue]
+    times = {name: [] for name, *_ in queued}
+    for rnd in range(args.reps + 1):  # round 0 warms up
+        log(f"queued round {rnd}")
+        for name, cfg, enc, make_source in queued:
+            reg = rf.build_regularizer(cfg, unet, encoder=enc) if cfg is not None else None
+            try:
+                ms = timer.queued(lambda src: step(reg, **src), make_source, zero_grad, args.queue)
+            finally:
+                if reg is not None:
+                    reg.remove()
+                zero_grad()
+            if rnd:
+                times[name].append(ms)
+    for row in steps:
+        if row["variant"] in times:
+            t = times[row["variant"]]
+            row.update(queued_ms=statistics.median(t), queued_min_ms=min(t), queued_max_ms=max(t), queued_reps=len(t),
+                       queued_steps=args.queue)
     base, base_queued = steps[0]["median_ms"], steps[0].get("queued_ms")
     for row in steps[1:]:
         if "median_ms" in row:
@@ -351,10 +370,13 @@ def main(argv=None) -> int:
 
     if device.type == "cuda":  # the same without the host: what it costs a step whose host runs ahead
         log("timing projector + U-REPA loss fwd+bwd by graph replay")
-        gpu_ms = benchmarks.graph_time_ms(loss_fwd_bwd, device, args.reps)
-        if gpu_ms is not None:
-            parts.append({"component": "projector + U-REPA loss fwd+bwd, GPU time (graph replay)",
-                          "median_ms": gpu_ms, "reps": args.reps})
+        for tf32 in (not args.no_tf32, args.no_tf32):  # this run's setting, then the other
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            gpu_ms = benchmarks.graph_time_ms(loss_fwd_bwd, device, args.reps)
+            if gpu_ms is not None:
+                parts.append({"component": "projector + U-REPA loss fwd+bwd, GPU time (graph replay), fp32 matmuls in "
+                                           + ("TF32" if tf32 else "IEEE fp32"), "median_ms": gpu_ms, "reps": args.reps})
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     report["setup"].update(unet_mid_grid=list(h_grid), encoder_grid=list(y_grid), encoder_width=y.shape[-1])
     save()
     log(f"wrote {path}")
@@ -365,7 +387,8 @@ def main(argv=None) -> int:
 def format_table(report: dict) -> str:
     env, setup = report["environment"], report["setup"]
     lines = [f"{env['device']} | torch {env['torch']} | {setup['dtype']} | batch {setup['batch']} at "
-             f"{setup['resolution']} px, encoder at {setup['encoder_size']} px | {env['date']}", "",
+             f"{setup['resolution']} px, encoder at {setup['encoder_size']} px | TF32 "
+             f"{'allowed' if setup.get('tf32') else 'off'} | {env['date']}", "",
              "| step | ms, synchronised | overhead | ms, queued | overhead | peak GiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in report["steps"]:
