@@ -305,7 +305,9 @@ def main(argv=None) -> int:
         steps.append(row)
     # Queued, in rounds: every round times each variant once, so that a drift of the machine over the run (the
     # synchronised unet step, timed first and last, shows it) reaches every variant alike.
-    queued = [(name, cfg, enc, make_source) for name, cfg, enc, make_source, queue in variants if queue]
+    failed = {row["variant"] for row in steps if "error" in row}  # out of memory above: not again here
+    queued = [(name, cfg, enc, make_source) for name, cfg, enc, make_source, queue in variants
+              if queue and name not in failed]
     times = {name: [] for name, *_ in queued}
     for rnd in range(args.reps + 1):  # round 0 warms up
         log(f"queued round {rnd}")
