@@ -49,7 +49,7 @@ def cpp_extension_modules():
 ext_modules, cmdclass = cpp_extension_modules()
 
 setup(
-    packages=["repa_fused", "repa_fused.kernels"],
+    packages=["repa_fused", "repa_fused.ops", "repa_fused.training", "repa_fused.tools", "repa_fused.kernels"],
     package_dir={"repa_fused": "repa_fused", "repa_fused.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass or {"build_ext": build_ext},

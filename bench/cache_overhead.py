@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 
 import repa_fused as rf
-from repa_fused import benchmarks
-from repa_fused.cache import FeatureCache, cache_features
-from repa_fused.decode import decode_latents
-from repa_fused.encoders import load_encoder
-from repa_fused.regularizers import build_projector
+from repa_fused.tools import bench as benchmarks
+from repa_fused.training.cache import FeatureCache, cache_features
+from repa_fused.training.decode import decode_latents
+from repa_fused.training.encoders import load_encoder
+from repa_fused.training.regularizers import build_projector
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,

@@ -37,8 +37,8 @@ import time
 import torch
 
 import repa_fused as rf
-from repa_fused import _cpp_loader, reference
-from repa_fused.functional import resolve_grids
+from repa_fused.ops import cpp, reference
+from repa_fused.ops.grids import resolve_grids
 
 # name: (loss, B, h_grid, y_grid, D, align)
 CASES = {
@@ -176,7 +176,7 @@ def format_row(row: dict) -> str:
 def calibrate() -> None:
     """Tiled vs Gram manifold path on one thread (thread CPU time, robust to other work on the cores)."""
     torch.set_num_threads(1)
-    ext = _cpp_loader.extension()
+    ext = cpp.extension()
     print("N      D    N/D   tiled ms (fwd+bwd)   gram ms (fwd+bwd)   auto")
     for n_side, d in [(24, 256), (32, 256), (37, 512), (37, 256), (32, 192), (37, 192), (37, 128), (64, 128)]:
         grid = [n_side, n_side]
@@ -211,7 +211,7 @@ def main() -> None:
     if args.memory_child:
         print(measure_memory_here(*args.memory_child, getattr(torch, args.dtype)))
         return
-    if _cpp_loader.extension() is None:
+    if cpp.extension() is None:
         sys.exit("the C++ extension is not built: pip install --no-build-isolation -e .")
     if args.calibrate:
         calibrate()

@@ -9,7 +9,7 @@ CPU the cases are scaled as ``repa-fused bench`` scales them (B/8, D/8, same gri
 import pytest
 import torch
 
-from repa_fused import benchmarks
+from repa_fused.tools import bench as benchmarks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [c if DEVICE.type == "cuda" else c.scaled_for_cpu() for c in benchmarks.CASES]

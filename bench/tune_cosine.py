@@ -14,7 +14,8 @@ import triton.language as tl
 from triton.testing import do_bench, do_bench_cudagraph
 
 import repa_fused as rf
-from repa_fused import benchmarks, reference
+from repa_fused.ops import reference
+from repa_fused.tools import bench as benchmarks
 from repa_fused.kernels import cosine
 
 CASES = {  # name: (B, h_grid, y_grid, D, target)

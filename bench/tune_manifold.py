@@ -17,7 +17,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from repa_fused import benchmarks
+from repa_fused.tools import bench as benchmarks
 from repa_fused.kernels import manifold as M
 
 

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from transformers import Dinov2Config, Dinov2Model
 
 import repa_fused as rf
-from repa_fused.config import add_config_arguments, config_from_args
+from repa_fused.training.config import add_config_arguments, config_from_args
 
 
 def tiny_models(encoder_dir):

@@ -38,17 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from repa_fused.ops import triton_interpreter
+from ._runtime import EPS, KERNEL_DTYPES, check_kernel_dtype, triton_interpreter
 
 from .interp import (adjoint_blocks, axis_scale, axis_taps, band_store_bound, combine_row_taps, combine_taps,
                      device_table, load_resampled, load_row_taps, load_taps, tap_weight)
 
-NORM_EPS = tl.constexpr(1e-12)  # as F.normalize and the reference
-SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+NORM_EPS = tl.constexpr(EPS)
 
 
 @triton.jit
-def _cosine_forward_kernel(
+def cosine_fwd_kernel(
     h_ptr, y_ptr, out_ptr, mean_ptr, scal_ptr, count_ptr,
     n_tokens, dim, width_t, plane, batch,
     h_rows, h_cols, h_scale_r, h_scale_c, h_sb, h_sn, h_sd,
@@ -127,7 +126,7 @@ def _ordered_sum(ptr, count, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _cosine_backward_identity_kernel(
+def cosine_bwd_identity_kernel(
     x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr,
     n_tokens, dim, width_t, own_offset, batch, d_blocks,
     x_sb, x_sn, x_sd,
@@ -203,7 +202,7 @@ def _target_row_loads(x_base, z_base, s_base, r, r_hi, c, c_mask, d_mask, width_
 
 
 @triton.jit
-def _cosine_backward_band_kernel(
+def cosine_bwd_band_kernel(
     x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, table_ptr,
     n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, col_tiles,
     x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
@@ -325,8 +324,9 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool)
     programs = triton.cdiv(n_tokens, block_t)
     hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
-    args = (n_tokens, dim, target_grid[1], batch * n_tokens, batch, hr, hc, hsr, hsc, yr, yc, ysr, ysc,
-            -1.0 / n_tokens)
+    args = dict(n_tokens=n_tokens, dim=dim, width_t=target_grid[1], plane=batch * n_tokens, batch=batch,
+                h_rows=hr, h_cols=hc, h_scale_r=hsr, h_scale_c=hsc, y_rows=yr, y_cols=yc, y_scale_r=ysr,
+                y_scale_c=ysc, neg_inv_n=-1.0 / n_tokens)
     meta = dict(H_IDENTITY=h_id, Y_IDENTITY=y_id, BLOCK_T=block_t, BLOCK_D=block_d,
                 BLOCK_P=min(triton.next_power_of_2(programs), 1024),
                 MEAN=mean, BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=warps)
@@ -340,8 +340,9 @@ def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
     block_j, block_d, warps = _identity_blocks(dim)
     d_blocks = triton.cdiv(dim, block_d)
-    args = (n_tokens, dim, target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
-            zr, zc, zsr, zsc, -1.0 / n_tokens)
+    args = dict(n_tokens=n_tokens, dim=dim, width_t=target_grid[1], own_offset=own_row * batch * n_tokens,
+                batch=batch, d_blocks=d_blocks, z_rows=zr, z_cols=zc, z_scale_r=zsr, z_scale_c=zsc,
+                neg_inv_n=-1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
     return (triton.cdiv(n_tokens, block_j) * d_blocks, batch), args, meta
 
@@ -387,32 +388,43 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
             stages = 1
     table = [lo for lo, _ in col_ranges] + [v for rng in row_ranges for v in rng]
     d_blocks = triton.cdiv(dim, block_d)
-    args = (n_tokens, dim, target_grid[0], target_grid[1], own_row * batch * n_tokens, batch, d_blocks,
-            len(col_ranges), xr, xc, xsr, xsc, zr, zc, zsr, zsc, -1.0 / n_tokens)
+    args = dict(n_tokens=n_tokens, dim=dim, height_t=target_grid[0], width_t=target_grid[1],
+                own_offset=own_row * batch * n_tokens, batch=batch, d_blocks=d_blocks, col_tiles=len(col_ranges),
+                x_rows=xr, x_cols=xc, x_scale_r=xsr, x_scale_c=xsc, z_rows=zr, z_cols=zc, z_scale_r=zsr,
+                z_scale_c=zsc, neg_inv_n=-1.0 / n_tokens)
     meta = dict(Z_IDENTITY=z_id, BAND_ROWS=band_rows, BLOCK_J=block_j, BLOCK_C=block_c, BLOCK_D=block_d,
                 PRECISION="tf32" if dtype.itemsize == 2 else "tf32x3", STAGES=stages,
                 MAX_STORES=band_store_bound(xr, target_grid[0], band_rows), num_warps=warps)
     return (len(col_ranges) * d_blocks, len(row_ranges), batch), tuple(table), args, meta
 
 
-# Per-sample ticket counters of the forward's last-program reduction, one buffer per device; every
-# launch leaves them at 0. Launches that overlap on two streams of one device would share them: the
-# ops run on the current stream, one after the other.
+# Per-sample ticket counters of the forward's last-program reduction, one buffer per (device, stream);
+# every launch leaves them at 0. Launches on one stream run one after the other, so they can share a
+# buffer; launches on two streams of one device may overlap, so each stream has its own.
 _COUNTERS: dict = {}
 
 
 def _counters(device: torch.device, batch: int) -> torch.Tensor:
-    """B per-sample counters, then the batch's."""
-    counters = _COUNTERS.get(device)
+    """B per-sample counters, then the batch's, for the current stream of ``device``."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    counters = _COUNTERS.get((device, stream))
     if counters is None or counters.numel() < batch + 1:
-        counters = _COUNTERS[device] = torch.zeros(max(batch + 1, 256), dtype=torch.int32, device=device)
+        counters = torch.zeros(max(batch + 1, 256), dtype=torch.int32, device=device)
+        _COUNTERS[(device, stream)] = counters
     return counters
 
 
-def _check(name: str, x: torch.Tensor) -> None:
-    if x.dtype not in SUPPORTED:
-        raise TypeError(f"the triton backend takes {name} as float32, bfloat16 or float16, got {x.dtype}; "
-                        f"use backend='reference' for float64")
+def _strides(prefix: str, x: torch.Tensor) -> dict:
+    """The (B, N, D) strides of ``x`` as the kernels' ``<prefix>_sb``, ``_sn``, ``_sd`` arguments."""
+    return dict(zip((f"{prefix}_sb", f"{prefix}_sn", f"{prefix}_sd"), x.stride()))
+
+
+def _grad_scale(args: dict, batch: int, mean: bool) -> dict:
+    """The plan's arguments with the backward's gradient scale: per sample b the kernels scale by
+    grad[b·grad_stride]·neg_inv_n; the mean's gradient reaches every sample alike (stride 0), with its 1/B."""
+    if mean:
+        return {**args, "neg_inv_n": args["neg_inv_n"] / batch, "grad_stride": 0}
+    return {**args, "grad_stride": 1}
 
 
 def _launch_forward(h, y, h_grid, y_grid, target_grid, mean):
@@ -420,16 +432,17 @@ def _launch_forward(h, y, h_grid, y_grid, target_grid, mean):
     (3, B, N) fp32). The scalars are the first 3 planes of a 4-plane buffer whose last plane is the
     programs' scratch (partly unwritten: it is not handed on, so every element of the op's outputs is
     defined)."""
-    if h.dtype not in SUPPORTED or y.dtype not in SUPPORTED:
-        _check("h", h)
-        _check("y", y)
+    if h.dtype not in KERNEL_DTYPES or y.dtype not in KERNEL_DTYPES:
+        check_kernel_dtype("h", h)
+        check_kernel_dtype("y", y)
     batch = h.shape[0]
     grid, scal_shape, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid, mean)
     scal = torch.empty(scal_shape, device=h.device, dtype=torch.float32)
     out = torch.empty((1, batch), device=h.device, dtype=torch.float32)
     batch_mean = torch.empty((1, 1), device=h.device, dtype=torch.float32) if mean else out
-    _cosine_forward_kernel[grid](h, y, out, batch_mean, scal, _counters(h.device, batch), *args[:5], *args[5:9],
-                                 *h.stride(), *args[9:13], *y.stride(), args[13], **meta)
+    cosine_fwd_kernel[grid](h_ptr=h, y_ptr=y, out_ptr=out, mean_ptr=batch_mean, scal_ptr=scal,
+                            count_ptr=_counters(h.device, batch), **args, **_strides("h", h), **_strides("y", y),
+                            **meta)
     return batch_mean, scal[:3]
 
 
@@ -449,18 +462,16 @@ def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row):
     """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
     batch, n_x, dim = x.shape
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
-    # Per sample b the kernels scale by grad[b·stride]·(−1/N); the mean's gradient reaches every sample
-    # alike (stride 0) and brings its 1/B.
     if tuple(x_grid) == tuple(target_grid):
         grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row)
-        scale = (args[10] / batch, 0) if mean else (args[10], 1)
-        _cosine_backward_identity_kernel[grid](x, z, out, scal, grad, *args[:6], *x.stride(), *args[6:10],
-                                               *z.stride(), *scale, **meta)
+        cosine_bwd_identity_kernel[grid](x_ptr=x, z_ptr=z, out_ptr=out, scal_ptr=scal, grad_ptr=grad,
+                                         **_grad_scale(args, batch, mean), **_strides("x", x), **_strides("z", z),
+                                         **meta)
     else:
         grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype, z.dtype)
-        scale = (args[16] / batch, 0) if mean else (args[16], 1)
-        _cosine_backward_band_kernel[grid](x, z, out, scal, grad, device_table(table, x.device), *args[:12],
-                                           *x.stride(), *args[12:16], *z.stride(), *scale, **meta)
+        cosine_bwd_band_kernel[grid](x_ptr=x, z_ptr=z, out_ptr=out, scal_ptr=scal, grad_ptr=grad,
+                                     table_ptr=device_table(table, x.device), **_grad_scale(args, batch, mean),
+                                     **_strides("x", x), **_strides("z", z), **meta)
     return out
 
 

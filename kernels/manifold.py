@@ -40,12 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
-from repa_fused import reference
-from repa_fused.ops import triton_interpreter
+from ._runtime import EPS, triton_interpreter
 
 from . import interp
 
-NORM_EPS = reference.NORM_EPS
+NORM_EPS = EPS
 ALGORITHMS = ("auto", "tiled", "gram")
 ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
 

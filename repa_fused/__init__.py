@@ -1,12 +1,16 @@
-"""repa_fused: fast, exact representation-alignment losses (REPA, U-REPA) for diffusion training."""
+"""repa_fused: fast, exact representation-alignment losses (REPA, U-REPA) for diffusion training.
 
-from .functional import available_backends, cosine_alignment_loss, manifold_loss, urepa_loss
-from .config import load_config
-from .regularizers import build_regularizer
-from .encoders import load_encoder
-from .cache import FeatureCache
+Layers, each importing only those beneath it: ``repa_fused.kernels`` (Triton) <- ``repa_fused.ops`` (the
+losses) <- ``repa_fused.training`` (trainer integration) <- ``repa_fused.tools`` (CLI, check, bench).
+"""
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .ops import available_backends, cosine_alignment_loss, manifold_loss, urepa_loss
+from .training import config
+from .training.cache import FeatureCache
+from .training.config import load_config
+from .training.encoders import load_encoder
+from .training.regularizers import build_regularizer
 
 __all__ = ["available_backends", "cosine_alignment_loss", "manifold_loss", "urepa_loss", "__version__",
-           "build_regularizer", "load_config", "load_encoder", "FeatureCache"]
+           "build_regularizer", "config", "load_config", "load_encoder", "FeatureCache"]

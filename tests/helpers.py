@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-from repa_fused.checks import rel_rmse  # noqa: F401  (one definition, shared with repa-fused check)
+from repa_fused.tools.check import rel_rmse  # noqa: F401  (one definition, shared with repa-fused check)
 
 
 def bilinear_matrix(src: int, dst: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from models import tiny_dinov2
 
-from repa_fused.encoders import (ENCODER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, VisionEncoder, load_encoder,
+from repa_fused.training.encoders import (ENCODER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, VisionEncoder, load_encoder,
                                  resolve_encoder_name)
 
 pytest.importorskip("transformers")

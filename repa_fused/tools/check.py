@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from . import functional, ops
+from ..ops import api as functional
+from ..ops import dispatch
 
 # (B, h_grid, y_grid, D, align)
 CHECK_CASES = [
@@ -131,16 +132,16 @@ def run_checks(device=None, backends=None, log: Callable[[str], None] = lambda m
     """Check ``backends`` (default: every one available on ``device``); asking for one that is unknown
     or not available there is a ValueError."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    available = ops.available_backends(device)
+    available = dispatch.available_backends(device)
     for name in backends or ():
-        if name not in ops.BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; backends: {list(ops.BACKENDS)}")
+        if name not in dispatch.BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; backends: {list(dispatch.BACKENDS)}")
         if name not in available:
             raise ValueError(f"backend {name!r} is not available on {device}; available: {available}")
     names = [b for b in available if backends is None or b in backends]
     results = []
     for backend in names:
-        for op in ops.OP_NAMES:
+        for op in dispatch.OP_NAMES:
             results.append(check_gradcheck(backend, op, device))
             log(f"{backend} {op} gradcheck: {'ok' if results[-1].passed else 'FAILED'}")
             results.append(check_zero_vectors(backend, op, device))
@@ -167,5 +168,5 @@ def format_results(results: list[CheckResult], device) -> str:
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     failed = sum(not r.passed for r in results)
     summary = f"{len(results) - failed} passed, {failed} failed"
-    return "\n".join([f"repa-fused check on {device}: backends {ops.available_backends(device)}",
+    return "\n".join([f"repa-fused check on {device}: backends {dispatch.available_backends(device)}",
                       line(header), line(["-" * w for w in widths]), *map(line, rows), summary])

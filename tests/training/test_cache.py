@@ -16,10 +16,10 @@ from models import TINY_DIT, tiny_dinov2
 from PIL import Image, ImageOps
 
 import repa_fused as rf
-from repa_fused import cache as cache_module
-from repa_fused import cli
-from repa_fused.cache import CacheError, FeatureCache, cache_features, find_images, load_image
-from repa_fused.encoders import load_encoder
+from repa_fused.training import cache as cache_module
+from repa_fused.tools import cli
+from repa_fused.training.cache import CacheError, FeatureCache, cache_features, find_images, load_image
+from repa_fused.training.encoders import load_encoder
 
 SIZE = 28  # 4 × 4 patches of 7
 GOOD = ["a/b/alpha.webp", "a/b/gray.jpeg", "a/wide.jpg", "c/pal.PNG", "c/rotated.jpg", "top.png"]
@@ -209,7 +209,7 @@ def test_a_cache_made_otherwise_is_not_extended(square, images, dinov2_dir, tmp_
 def test_two_processes_split_the_work_and_merge_one_index(images, dinov2_dir, square, tmp_path):
     out = tmp_path / "cache"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "repa_fused.cli", "cache-features", images, "--encoder", dinov2_dir, "--image-size", str(SIZE),
+               "-m", "repa_fused.tools.cli", "cache-features", images, "--encoder", dinov2_dir, "--image-size", str(SIZE),
                "--out", str(out), "--device", "cpu", "--num-workers", "0", "--batch-size", "2", "--shard-size", "2",
                "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -38,7 +38,10 @@ from typing import Callable, Optional
 
 import torch
 
-from . import __version__, functional, ops, reference
+from .._version import __version__
+from ..ops import api as functional
+from ..ops import dispatch, reference
+from ..ops.grids import resolve_grids
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Case:
 
     @property
     def target_grid(self) -> tuple[int, int]:
-        return functional.resolve_grids(self.h_grid[0] * self.h_grid[1], self.y_grid[0] * self.y_grid[1],
+        return resolve_grids(self.h_grid[0] * self.h_grid[1], self.y_grid[0] * self.y_grid[1],
                                         self.h_grid, self.y_grid, self.align)[2]
 
     def min_bytes(self, element_size: int) -> int:
@@ -129,7 +132,7 @@ def variants(case: Case, device: torch.device, backends: Optional[list[str]] = N
     out = {"eager": eager_loss(case)}
     if with_compile:
         out["compile"] = torch.compile(eager_loss(case), dynamic=False)
-    for name in ops.available_backends(device):
+    for name in dispatch.available_backends(device):
         if name != "reference" and (backends is None or name in backends):
             out[name] = backend_loss(case, name)
     return out

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import repa_fused as rf
-from repa_fused import _cpp_loader, ops, reference
-from repa_fused.functional import resolve_grids
+from repa_fused.ops import cpp, dispatch, reference
+from repa_fused.ops.grids import resolve_grids
 
 from helpers import ODD_CASES, independent_losses, rel_rmse
 
-ext = _cpp_loader.extension()
+ext = cpp.extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="the C++ extension repa_fused._C is not built "
                                                     "(no compiler at install time)")
 
@@ -240,7 +240,7 @@ def test_clear_errors():
 
 def test_auto_picks_cpp_on_cpu():
     assert "cpp" in rf.available_backends("cpu")
-    assert ops.default_backend(torch.device("cpu")) == "cpp"
+    assert dispatch.default_backend(torch.device("cpu")) == "cpp"
     h, y = random_case(2, (4, 4), (5, 5), 7, dtype=torch.float32)
     auto = rf.urepa_loss(h, y, reduction="none")
     cpp = rf.urepa_loss(h, y, reduction="none", backend="cpp")
@@ -253,7 +253,7 @@ def test_opcheck(op):
     h, y = random_case(2, (4, 4), (3, 3), 5, dtype=torch.float32)
     h.requires_grad_(True)
     y.requires_grad_(True)
-    torch.library.opcheck(ops.BACKENDS["cpp"].ops[op].custom_op, (h, y, [4, 4], [3, 3], [3, 3]))
+    torch.library.opcheck(dispatch.BACKENDS["cpp"].ops[op].custom_op, (h, y, [4, 4], [3, 3], [3, 3]))
 
 
 def _compiled_step_matches(compile_backend):

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repa_fused import reference
-from repa_fused.functional import resolve_grids
+from repa_fused.ops import reference
+from repa_fused.ops.grids import resolve_grids
 
 from helpers import ODD_CASES, bilinear_matrix, independent_losses, resample
 

@@ -9,7 +9,7 @@ import torch
 from models import TINY_DIT, TINY_UNET, tiny_autoencoder_kl, tiny_autoencoder_tiny, tiny_dinov2
 
 import repa_fused as rf
-from repa_fused.regularizers import RepaRegularizer, URepaRegularizer, build_regularizer
+from repa_fused.training.regularizers import RepaRegularizer, URepaRegularizer, build_regularizer
 
 REPA = {"crepa_enabled": True, "crepa_block_index": 1}
 UREPA = {"urepa_enabled": True}
@@ -150,7 +150,7 @@ def test_spatial_align_false_compares_mean_tokens():
 
 
 def test_latents_and_vae_path_decodes_then_encodes():
-    from repa_fused.decode import decode_latents
+    from repa_fused.training.decode import decode_latents
 
     tiny, vae, enc = TINY_DIT["dit"](), tiny_autoencoder_kl(), FakeEncoder()
     reg = build_regularizer(REPA, tiny.model, encoder=enc)
@@ -180,7 +180,7 @@ def test_use_tae_takes_the_tiny_autoencoder():
 
 
 def test_lazy_encoder_gets_the_config(monkeypatch):
-    import repa_fused.encoders as encoders
+    import repa_fused.training.encoders as encoders
 
     seen = {}
 
@@ -189,7 +189,7 @@ def test_lazy_encoder_gets_the_config(monkeypatch):
         return FakeEncoder()
 
     monkeypatch.setattr(encoders, "load_encoder", fake_load)
-    monkeypatch.setattr("repa_fused.regularizers.encoder_geometry", lambda name: (16, 14))
+    monkeypatch.setattr("repa_fused.training.regularizers.encoder_geometry", lambda name: (16, 14))
     tiny = TINY_DIT["dit"]()
     reg = build_regularizer({**REPA, "crepa_model": "dinov2_vits14", "crepa_encoder_image_size": 224,
                              "crepa_encoder_aspect": "preserve", "crepa_encoder_frames_batch_size": 3},
@@ -202,7 +202,7 @@ def test_lazy_encoder_gets_the_config(monkeypatch):
 
 
 def test_encoder_geometry_without_weights(dinov2_dir):
-    from repa_fused.regularizers import encoder_geometry
+    from repa_fused.training.regularizers import encoder_geometry
 
     assert encoder_geometry(dinov2_dir) == (16, 7)
     assert encoder_geometry("dinov2_vitg14") == (1536, 14) and encoder_geometry("dinov2_vits14_reg") == (384, 14)
@@ -301,14 +301,14 @@ class FakeCache:
 @pytest.fixture
 def fake_cache(monkeypatch, dinov2_dir):
     import repa_fused
-    import repa_fused.encoders as encoders
+    import repa_fused.training.encoders as encoders
 
     live = encoders.load_encoder(dinov2_dir, 28)  # the cache says what a live encoder would have used
     monkeypatch.setattr(FakeCache, "metadata", {"encoder": live.name, "image_size": 28, "dtype": "bfloat16",
                                                 "preprocessing": live.preprocessing})
-    module = types.ModuleType("repa_fused.cache")
+    module = types.ModuleType("repa_fused.training.cache")
     module.FeatureCache = FakeCache
-    monkeypatch.setitem(sys.modules, "repa_fused.cache", module)
+    monkeypatch.setitem(sys.modules, "repa_fused.training.cache", module)
     monkeypatch.setattr(repa_fused, "cache", module, raising=False)
 
     def no_load(*a, **k):
@@ -464,7 +464,7 @@ def test_ddp_two_ranks_with_zero_weight_steps(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), port=port))
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), port=port))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and "DDP OK" in done.stdout, done.stderr[-3000:]
@@ -506,7 +506,7 @@ def test_real_feature_cache_gives_the_live_loss(tmp_path, dinov2_dir):
     import numpy as np
     from PIL import Image
 
-    from repa_fused.cache import cache_features, load_image
+    from repa_fused.training.cache import cache_features, load_image
 
     images = tmp_path / "images"
     images.mkdir()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from repa_fused.config import (Config, RepaConfig, URepaConfig, add_config_arguments, config_from_args,
+from repa_fused.training.config import (Config, RepaConfig, URepaConfig, add_config_arguments, config_from_args,
                                key_table, known_keys, load_config)
 
 # SimpleTuner's defaults for the keys both trainers share (its OPTIONS.md and field registry).

@@ -8,7 +8,7 @@ import pytest
 import torch
 from models import TINY_DIT, TINY_UNET, _packed_ids
 
-from repa_fused.capture import BlockIndexError, attach_capture, model_kind, num_blocks
+from repa_fused.training.capture import BlockIndexError, attach_capture, model_kind, num_blocks
 
 pytest.importorskip("diffusers")
 

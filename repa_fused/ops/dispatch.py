@@ -13,8 +13,6 @@ alignment then manifold), float32 (float64 for float64 inputs), or with ``mean=T
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -24,6 +22,9 @@ from . import reference
 
 OP_NAMES = ("cosine", "manifold", "urepa")
 TERMS = {"cosine": 1, "manifold": 1, "urepa": 2}
+# The rows of an op's (T, B) output: "urepa" stacks both terms, the others have one row.
+ALIGNMENT_ROW = 0  # the cosine alignment term (the only row of "cosine")
+MANIFOLD_ROW = -1  # the manifold term (the only row of "manifold", the last of "urepa")
 
 # forward(h, y, h_grid, y_grid, target_grid[, mean=True]) -> (T, B) losses, or ((T, B) losses, saved) where
 # ``saved`` is one float32 tensor of O(B·N) values the backward reuses (per-token norms, say) instead of
@@ -169,63 +170,6 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
     return call
 
 
-# --------------------------------------------------------------------------------------------------
-# The reference backend: eager PyTorch through the same custom-op machinery as the fused backends.
-
-
-def _reference_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
-    def make(op):
-        def forward(h, y, h_grid, y_grid, target_grid):
-            with torch.no_grad():
-                return reference.LOSSES[op](h, y, h_grid, y_grid, target_grid)
-
-        def backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
-            with torch.no_grad():
-                return reference.loss_gradients(op, grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
-
-        return forward, backward
-
-    return {op: make(op) for op in OP_NAMES}
-
-
-def _triton_implementations() -> dict[str, Union[OpImpl, tuple]]:
-    from .kernels import cosine, manifold
-
-    return {"cosine": OpImpl(cosine.forward, cosine.backward, cosine.saved_shape, fused_mean=True),
-            "manifold": (manifold.manifold_forward, manifold.manifold_backward),
-            "urepa": (manifold.urepa_forward, manifold.urepa_backward)}
-
-
-def _cpp_implementations() -> dict[str, tuple]:
-    from . import _cpp_loader
-
-    return _cpp_loader.implementations()
-
-
-# --------------------------------------------------------------------------------------------------
-# Registry. The ops of every backend are defined at import (cheap: no kernel is compiled), so that
-# torch.compile never traces a definition; the implementations behind them load on first use.
-
-
-def triton_interpreter() -> bool:
-    """Triton kernels run under the CPU interpreter (CI): the kernels pick interpreter-friendly tiles."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_available(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and triton_interpreter()
-
-
-def _cpp_available(device: torch.device) -> bool:
-    from . import _cpp_loader
-
-    return device.type == "cpu" and _cpp_loader.extension() is not None
-
-
 @dataclass
 class Backend:
     """A named implementation of the ops. ``ops[op]`` is the differentiable callable
@@ -261,14 +205,6 @@ def register_backend(name: str, devices: Optional[tuple[str, ...]], load) -> Bac
         backend.ops[op] = define_loss_op(op, name, lambda _op=op: backend.implementations()[_op])
     BACKENDS[name] = backend
     return backend
-
-
-# Availability is read once, at import (tests set TRITON_INTERPRET before importing): under
-# torch.compile the choice of backend is then a constant lookup.
-register_backend("reference", None, _reference_implementations)
-register_backend("triton", tuple(d for d in ("cpu", "cuda") if _triton_available(torch.device(d))),
-                 _triton_implementations)
-register_backend("cpp", ("cpu",) if _cpp_available(torch.device("cpu")) else (), _cpp_implementations)
 
 
 def available_backends(device) -> list[str]:

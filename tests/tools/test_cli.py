@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from repa_fused import benchmarks, cli
+from repa_fused.tools import bench, cli
 
 
 def test_check_passes_on_this_device(capsys):
@@ -18,7 +18,8 @@ def test_check_passes_on_this_device(capsys):
 
 
 def test_check_fails_loudly_on_a_broken_backend(monkeypatch, capsys):
-    from repa_fused import checks, reference
+    from repa_fused.ops import reference
+    from repa_fused.tools import check
 
     original = reference.loss_gradients
 
@@ -26,18 +27,18 @@ def test_check_fails_loudly_on_a_broken_backend(monkeypatch, capsys):
         return original(op, grad * 1.5, *args)
 
     monkeypatch.setattr(reference, "loss_gradients", wrong)
-    monkeypatch.setattr(checks, "GRADCHECK_CASES", checks.GRADCHECK_CASES[:1])
+    monkeypatch.setattr(checks, "GRADCHECK_CASES", check.GRADCHECK_CASES[:1])
     assert cli.main(["check", "--backends", "reference"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["nope", "unavailable"])
 def test_check_rejects_unknown_or_unavailable_backend(name, monkeypatch, capsys):
-    from repa_fused import ops
+    from repa_fused.ops import dispatch
 
     if name == "unavailable":
         name = "cpp"
-        monkeypatch.setattr(ops.BACKENDS["cpp"], "devices", ())
+        monkeypatch.setattr(dispatch.BACKENDS["cpp"], "devices", ())
     assert cli.main(["check", "--backends", name]) == 2
     assert name in capsys.readouterr().err
 
@@ -68,22 +69,22 @@ def test_bench_rejects_a_backend_it_cannot_run(name):
 
 
 def test_cpu_scaling_keeps_grids():
-    for case in benchmarks.CASES:
+    for case in bench.CASES:
         small = case.scaled_for_cpu()
         assert small.h_grid == case.h_grid and small.y_grid == case.y_grid
         assert small.batch == max(1, case.batch // 8) and small.dim == max(64, case.dim // 8)
 
 
 def test_counted_work():
-    case = benchmarks.CASES_BY_NAME["flux_1024"]
+    case = bench.CASES_BY_NAME["flux_1024"]
     assert case.min_bytes(2) == 2 * 4 * 1536 * (2 * 4096 + 1369)
-    hires = benchmarks.CASES_BY_NAME["hires_manifold"]
+    hires = bench.CASES_BY_NAME["hires_manifold"]
     n, d, b = 4096, 1024, 8
     assert hires.min_flops() == min(4 * b * n * n * d, 8 * b * n * d * d)
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "repa_fused.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "repa_fused.tools.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "check" in out.stdout and "bench" in out.stdout
 
 
@@ -94,7 +95,7 @@ def test_bench_reports_a_failing_variant_and_goes_on(monkeypatch, tmp_path, caps
             raise RuntimeError("no C++ compiler")
         return loss
 
-    monkeypatch.setattr(benchmarks.torch, "compile", lambda fn, **kw: broken(None))
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **kw: broken(None))
     out_csv = tmp_path / "b.csv"
     assert cli.main(["bench", "--cases", "sd15_min", "--reps", "1", "--backends", "cpp", "--csv", str(out_csv)]) == 0
     table = capsys.readouterr().out

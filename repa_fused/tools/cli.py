@@ -17,42 +17,43 @@ def _device_arg(value: Optional[str]):
 
 
 def cmd_check(args) -> int:
-    from . import checks
+    from . import check
 
     device = _device_arg(args.device)
     log = (lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None)
     try:
-        results = checks.run_checks(device, args.backends, log=log)
+        results = check.run_checks(device, args.backends, log=log)
     except ValueError as error:
         print(f"repa-fused check: {error}", file=sys.stderr)
         return 2
-    print(checks.format_results(results, device))
+    print(check.format_results(results, device))
     return 0 if all(r.passed for r in results) else 1
 
 
 def cmd_bench(args) -> int:
-    from . import benchmarks, ops
+    from ..ops import dispatch
+    from . import bench
 
-    unknown = [name for name in (args.cases or []) if name not in benchmarks.CASES_BY_NAME]
+    unknown = [name for name in (args.cases or []) if name not in bench.CASES_BY_NAME]
     if unknown:
         raise SystemExit(f"repa-fused bench: unknown case(s) {unknown}; choose from "
-                         f"{list(benchmarks.CASES_BY_NAME)}")
+                         f"{list(bench.CASES_BY_NAME)}")
     device = _device_arg(args.device)
-    fused = [name for name in ops.available_backends(device) if name != "reference"]
+    fused = [name for name in dispatch.available_backends(device) if name != "reference"]
     missing = [name for name in (args.backends or []) if name not in fused]
     if missing:
         raise SystemExit(f"repa-fused bench: backend(s) {missing} are not fused backends available on {device}; "
                          f"choose from {fused}")
-    report = benchmarks.run(device, cases=args.cases, reps=args.reps, backends=args.backends,
+    report = bench.run(device, cases=args.cases, reps=args.reps, backends=args.backends,
                             with_compile=not args.no_compile, full_size=args.full_size,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(benchmarks.format_table(report, markdown=args.markdown))
+    print(bench.format_table(report, markdown=args.markdown))
     if args.json:
-        benchmarks.write_json(report, args.json)
+        bench.write_json(report, args.json)
     if args.csv:
-        benchmarks.write_csv(report, args.csv)
+        bench.write_csv(report, args.csv)
     if args.plot:
-        benchmarks.plot(report, args.plot)
+        bench.plot(report, args.plot)
     return 0
 
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a bar chart (PNG) to this path (needs matplotlib)")
     bench.add_argument("--markdown", action="store_true", help="print the table as markdown")
     bench.set_defaults(func=cmd_bench)
-    from .cache import add_cache_features_parser
+    from ..training.cache import add_cache_features_parser
     add_cache_features_parser(sub)
     return parser
 

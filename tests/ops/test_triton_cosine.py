@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import repa_fused as rf
-from repa_fused import ops, reference
-from repa_fused.functional import resolve_grids
+from repa_fused.ops import dispatch, reference
+from repa_fused.ops.grids import resolve_grids
 
 from helpers import ODD_CASES, rel_rmse
 
-pytestmark = pytest.mark.skipif("triton" not in ops.available_backends("cuda" if torch.cuda.is_available()
+pytestmark = pytest.mark.skipif("triton" not in dispatch.available_backends("cuda" if torch.cuda.is_available()
                                                                         else "cpu"),
                                 reason="triton backend unavailable")
 
@@ -147,7 +147,7 @@ def test_opcheck():
     case = ODD_CASES[7]
     h, y = make(case)
     grids = [list(g) for g in resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])]
-    op = ops.BACKENDS["triton"].ops["cosine"].custom_op
+    op = dispatch.BACKENDS["triton"].ops["cosine"].custom_op
     torch.library.opcheck(op, (h.requires_grad_(True), y.requires_grad_(True), *grids))
 
 
@@ -210,7 +210,7 @@ def test_batch_mean_opcheck_and_compile():
     case = ODD_CASES[3]  # B = 2: the mean's (1, 1) differs from the per-sample (1, B)
     h, y = make(case)
     grids = [list(g) for g in resolve_grids(h.shape[1], y.shape[1], case[1], case[2], case[4])]
-    op = ops.BACKENDS["triton"].ops["cosine"].custom_op
+    op = dispatch.BACKENDS["triton"].ops["cosine"].custom_op
     torch.library.opcheck(op, (h.clone().requires_grad_(True), y.clone().requires_grad_(True), *grids, True))
 
     def loss(h, y):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from models import tiny_autoencoder_kl, tiny_autoencoder_tiny
 
-from repa_fused.decode import decode_latents
+from repa_fused.training.decode import decode_latents
 
 pytest.importorskip("diffusers")
 

@@ -2,9 +2,9 @@
 
 import os
 
-from repa_fused.config import key_table
+from repa_fused.training.config import key_table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def readme() -> str:
@@ -13,7 +13,7 @@ def readme() -> str:
 
 
 def test_key_table_is_current():
-    assert key_table() in readme(), "README's key table is stale: paste repa_fused.config.key_table()"
+    assert key_table() in readme(), "README's key table is stale: paste repa_fused.training.config.key_table()"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,5 +1,5 @@
 """Finds the compiled C++ extension (``repa_fused._C``, built by setup.py from csrc/ when a compiler is
-there) and adapts its two entry points to the forward/backward layout of :func:`repa_fused.ops.define_loss_op`.
+there) and adapts its two entry points to the forward/backward layout of :func:`.dispatch.define_loss_op`.
 
 ``_C.forward(op, h, y, h_grid, y_grid, target_grid, method="auto", block=256)`` returns the (T, B)
 per-sample losses; ``_C.backward(op, grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, method,
@@ -25,9 +25,9 @@ def extension() -> Optional[object]:
     here, since the fallback to the reference backend would otherwise be silent.
     """
     try:
-        from . import _C  # type: ignore[attr-defined]
+        from .. import _C  # type: ignore[attr-defined]
     except ImportError as error:
-        if importlib.util.find_spec(f"{__package__}._C") is not None:
+        if importlib.util.find_spec("repa_fused._C") is not None:
             warnings.warn(f"repa_fused._C was built but does not load ({error}); the 'cpp' backend is "
                           "unavailable until it is rebuilt: pip install --no-build-isolation -e .",
                           RuntimeWarning, stacklevel=2)
@@ -36,7 +36,7 @@ def extension() -> Optional[object]:
 
 
 def implementations(method: str = "auto") -> dict[str, tuple[Callable, Callable]]:
-    """op -> (forward, backward) of the extension, in the layout of ops.define_loss_op."""
+    """op -> (forward, backward) of the extension, in the layout of dispatch.define_loss_op."""
     ext = extension()
     if ext is None:
         raise RuntimeError("the C++ extension repa_fused._C is not built; reinstall with a C++ compiler: "

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import repa_fused as rf
-from repa_fused import ops, reference
-from repa_fused.functional import resolve_grids
+from repa_fused.ops import dispatch, reference
+from repa_fused.ops.grids import resolve_grids
 
 from helpers import ODD_CASES, independent_losses, rel_rmse
 
@@ -41,7 +41,7 @@ def check_op(op, h, y, grids, tol, grad_y=True):
     upstream gradient (each row of the (T, B) output gets its own)."""
     h = h.detach().requires_grad_(True)
     y = y.detach().requires_grad_(grad_y)
-    out = ops.BACKENDS["triton"].ops[op](h, y, *grids)
+    out = dispatch.BACKENDS["triton"].ops[op](h, y, *grids)
     ref = reference.LOSSES[op](h.detach(), y.detach(), *grids)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert rel_rmse(out, ref) < tol, (out, ref)
@@ -136,7 +136,7 @@ def test_deterministic():
 def test_opcheck(op):
     h = tokens(2, (3, 3), 7, seed=17).requires_grad_(True)
     y = tokens(2, (4, 4), 7, seed=18).requires_grad_(True)
-    torch.library.opcheck(ops.BACKENDS["triton"].ops[op].custom_op, (h, y, [3, 3], [4, 4], [4, 4]))
+    torch.library.opcheck(dispatch.BACKENDS["triton"].ops[op].custom_op, (h, y, [3, 3], [4, 4], [4, 4]))
 
 
 def test_compile_fullgraph():

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import functional
+from .. import ops
 from .capture import attach_capture
 from .config import Config, RepaConfig, URepaConfig, load_config
 from .schedule import CoefficientSchedule
@@ -241,7 +241,7 @@ class RepaRegularizer(AlignmentRegularizer):
                                               or (y_grid is not None and y_grid != tuple(h_grid))):
             # SimpleTuner's crepa_spatial_align=false: different grids compare by their mean token.
             h, y, h_grid, y_grid = h.mean(1, keepdim=True), y.mean(1, keepdim=True), (1, 1), (1, 1)
-        alignment = functional.cosine_alignment_loss(h, y, h_grid=h_grid, y_grid=y_grid, align="min")
+        alignment = ops.cosine_alignment_loss(h, y, h_grid=h_grid, y_grid=y_grid, align="min")
         return {"total": alignment, "alignment_loss": alignment}
 
 
@@ -251,7 +251,7 @@ class URepaRegularizer(AlignmentRegularizer):
     KIND, NAME, PROJECTOR_ATTR, LOG_PREFIX = "unet", "U-REPA", "urepa_projector", "urepa"
 
     def _terms(self, h, h_grid, y, y_grid):
-        total, alignment, manifold = functional.urepa_loss(
+        total, alignment, manifold = ops.urepa_loss(
             h, y, manifold_weight=self.config.manifold_weight, h_grid=h_grid, y_grid=y_grid, align=self.config.align)
         return {"total": total, "alignment_loss": alignment, "manifold_loss": manifold}
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from repa_fused.config import load_config
-from repa_fused.schedule import CoefficientSchedule
+from repa_fused.training.config import load_config
+from repa_fused.training.schedule import CoefficientSchedule
 
 
 def sched(**kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import repa_fused as rf
-from repa_fused.functional import resolve_grids
+from repa_fused.ops.grids import resolve_grids
 
 from helpers import independent_losses, rel_rmse
 
@@ -124,13 +124,13 @@ def test_mean_is_the_mean_of_none_on_every_backend(loss):
 
 def test_float64_auto_runs_the_reference(monkeypatch):
     """float64 has no fused kernel: "auto" must not hand it to the device's fused backend."""
-    from repa_fused import ops
+    from repa_fused.ops import dispatch
 
     def fused_only(*args):
         raise AssertionError("the fused backend was called")
 
     monkeypatch.setattr(ops, "default_backend", lambda device: "cpp")
-    monkeypatch.setitem(ops.BACKENDS["cpp"].ops, "cosine", fused_only)
+    monkeypatch.setitem(dispatch.BACKENDS["cpp"].ops, "cosine", fused_only)
     h, y = make(dtype=torch.float64)
     out = rf.cosine_alignment_loss(h, y, reduction="none")
     assert out.dtype == torch.float64
@@ -185,10 +185,10 @@ def test_bad_input_errors(loss, kwargs, error, message):
 
 
 def test_backend_not_available_on_device(monkeypatch):
-    from repa_fused import ops
+    from repa_fused.ops import dispatch
 
     h, y = make()
-    monkeypatch.setattr(ops.BACKENDS["cpp"], "devices", ())
+    monkeypatch.setattr(dispatch.BACKENDS["cpp"], "devices", ())
     with pytest.raises(ValueError, match="backend='cpp' is not available on device cpu"):
         rf.cosine_alignment_loss(h, y, backend="cpp")
 
@@ -242,11 +242,11 @@ def test_compile_default_backend_resampled_backward():
 
 
 def test_opcheck_reference_ops():
-    from repa_fused import ops
+    from repa_fused.ops import dispatch
 
     h, y = make(n_h=16, n_y=9, d=5)
     y.requires_grad_(True)
-    for op in ops.OP_NAMES:
-        custom = ops.BACKENDS["reference"].ops[op].custom_op
+    for op in dispatch.OP_NAMES:
+        custom = dispatch.BACKENDS["reference"].ops[op].custom_op
         for mean in (False, True):  # per sample (T, B), and the batch mean taken around the backend (T, 1)
             torch.library.opcheck(custom, (h, y, [4, 4], [3, 3], [3, 3], mean))

@@ -333,7 +333,7 @@ def cache_features(images_dir: Union[str, os.PathLike], out: Union[str, os.PathL
 
 
 def _metadata(enc) -> dict:
-    from . import __version__
+    from .._version import __version__
 
     # A local directory is recorded absolute: the cache outlives the working directory it was made from.
     name = os.path.abspath(enc.name) if os.path.isdir(enc.name) else enc.name
