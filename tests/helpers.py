@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 
+from repa_fused.tools.cases import ODD_CASES  # noqa: F401  (one list of cases, shared with repa-fused check)
 from repa_fused.tools.check import rel_rmse  # noqa: F401  (one definition, shared with repa-fused check)
 
 
@@ -41,17 +42,3 @@ def independent_losses(h, y, h_grid, y_grid, target):
     sim_y = torch.einsum("bid,bjd->bij", yy, yy)
     manifold = ((sim_h - sim_y) ** 2).sum((1, 2)) / n**2
     return cosine, manifold
-
-
-# (B, h_grid, y_grid, D, align): B=1, N=1, D prime, non-square grids, up- and down-sampling, every mode.
-ODD_CASES = [
-    (1, (1, 1), (1, 1), 5, "min"),
-    (2, (3, 5), (3, 5), 7, "min"),          # identity, non-square
-    (3, (4, 4), (5, 5), 11, "min"),         # y downsampled to h's grid
-    (2, (6, 5), (3, 4), 13, "min"),         # h downsampled
-    (2, (2, 3), (5, 7), 17, "y"),           # h upsampled to y's grid
-    (1, (7, 3), (4, 4), 3, "h"),
-    (2, (5, 5), (3, 7), 19, (4, 6)),        # explicit target grid
-    (1, (1, 4), (2, 2), 2, "y"),
-    (2, (1, 1), (3, 3), 23, "y"),           # a single token spread over a grid
-]

@@ -1,4 +1,4 @@
-"""Eager PyTorch reference of every loss, written as the math of DESIGN §1 reads.
+"""Eager PyTorch reference of every loss, written as the math of docs/design.md reads.
 
 This module is the truth the fused backends are tested against and the CPU fallback. Shapes:
 ``h`` (B, N_h, D) hidden tokens on ``h_grid`` = (H_h, W_h); ``y`` (B, N_y, D) encoder tokens on
@@ -86,7 +86,7 @@ LOSSES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Gradients written out (DESIGN §1), no autograd: custom-op implementations run below the autograd
+# Gradients written out (docs/design.md), no autograd: custom-op implementations run below the autograd
 # dispatch key, so the reference backend's backward must be explicit. Tests check it against autograd.
 
 

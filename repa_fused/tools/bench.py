@@ -24,7 +24,6 @@ scale the batch by 1/8 and the width by 1/8 (at least 1 and 64), which makes the
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import gc
 import datetime
@@ -33,7 +32,6 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -41,63 +39,15 @@ import torch
 from .._version import __version__
 from ..ops import api as functional
 from ..ops import dispatch, reference
-from ..ops.grids import resolve_grids
+from .cases import BENCH_CASES, BENCH_CASES_BY_NAME, Case
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    loss: str                     # "cosine" | "manifold" | "urepa"
-    batch: int
-    h_grid: tuple[int, int]
-    y_grid: tuple[int, int]
-    dim: int
-    align: str = "min"
-    description: str = ""
-
-    def scaled_for_cpu(self) -> "Case":
-        return dataclasses.replace(self, batch=max(1, self.batch // 8), dim=max(64, self.dim // 8))
-
-    @property
-    def target_grid(self) -> tuple[int, int]:
-        return resolve_grids(self.h_grid[0] * self.h_grid[1], self.y_grid[0] * self.y_grid[1],
-                                        self.h_grid, self.y_grid, self.align)[2]
-
-    def min_bytes(self, element_size: int) -> int:
-        n_h, n_y = self.h_grid[0] * self.h_grid[1], self.y_grid[0] * self.y_grid[1]
-        return element_size * self.batch * self.dim * (2 * n_h + n_y)
-
-    def min_flops(self) -> int:
-        if self.loss == "cosine":
-            return 0
-        n = self.target_grid[0] * self.target_grid[1]
-        tiled = 4 * self.batch * n * n * self.dim
-        gram = 8 * self.batch * n * self.dim * self.dim
-        return min(tiled, gram)
-
-
-CASES: list[Case] = [
-    Case("sit_xl2_256", "cosine", 32, (16, 16), (16, 16), 768, "min",
-         "SiT-XL/2 at 256 px, DINOv2-B at 224 px (REPA)"),
-    Case("flux_1024", "cosine", 4, (64, 64), (37, 37), 1536, "min",
-         "Flux at 1024 px, DINOv2-g at 518 px (REPA, hidden 64×64 -> encoder 37×37)"),
-    Case("sdxl_min", "urepa", 16, (32, 32), (37, 37), 1536, "min",
-         "SDXL mid-block 32×32 vs DINOv2-g 37×37, encoder downsampled (U-REPA, SimpleTuner)"),
-    Case("sdxl_y", "urepa", 16, (32, 32), (37, 37), 1536, "y",
-         "SDXL mid-block 32×32 upsampled to DINOv2-g 37×37 (U-REPA paper)"),
-    Case("sd15_min", "urepa", 16, (8, 8), (37, 37), 1536, "min",
-         "SD1.5 mid-block 8×8 vs DINOv2-g 37×37 (U-REPA)"),
-    Case("hires_manifold", "manifold", 8, (64, 64), (64, 64), 1024, "min",
-         "High-resolution manifold loss, 64×64 tokens"),
-]
-CASES_BY_NAME = {case.name: case for case in CASES}
+CASES = BENCH_CASES
+CASES_BY_NAME = BENCH_CASES_BY_NAME
 
 
 def make_inputs(case: Case, device, dtype=torch.bfloat16, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    n_h, n_y = case.h_grid[0] * case.h_grid[1], case.y_grid[0] * case.y_grid[1]
-    h = torch.randn(case.batch, n_h, case.dim, generator=g).to(device=device, dtype=dtype)
-    y = torch.randn(case.batch, n_y, case.dim, generator=g).to(device=device, dtype=dtype)
+    h, y = case.inputs(device, dtype, seed)
     return h.requires_grad_(True), y
 
 

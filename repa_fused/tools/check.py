@@ -15,19 +15,8 @@ import torch
 
 from ..ops import api as functional
 from ..ops import dispatch
+from .cases import CHECK_CASES, GRADCHECK_CASES
 
-# (B, h_grid, y_grid, D, align)
-CHECK_CASES = [
-    (1, (1, 1), (1, 1), 5, "min"),
-    (3, (4, 4), (5, 5), 11, "min"),
-    (2, (6, 5), (3, 4), 13, "min"),
-    (2, (2, 3), (5, 7), 17, "y"),
-    (1, (7, 3), (4, 4), 3, "h"),
-    (2, (5, 5), (3, 7), 19, (4, 6)),
-    (2, (9, 9), (7, 7), 77, "y"),
-    (2, (16, 16), (11, 13), 130, "min"),
-]
-GRADCHECK_CASES = [(2, (3, 3), (2, 4), 5, "y"), (1, (2, 3), (3, 3), 3, (2, 2))]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
@@ -51,11 +40,7 @@ class CheckResult:
 
 
 def _inputs(case, device, dtype, seed):
-    b, h_grid, y_grid, d, _ = case
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(b, h_grid[0] * h_grid[1], d, generator=g, dtype=torch.float64)
-    y = torch.randn(b, y_grid[0] * y_grid[1], d, generator=g, dtype=torch.float64)
-    return h.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+    return case.inputs(device, dtype, seed)
 
 
 def _terms(op: str, backend: str, h, y, case):

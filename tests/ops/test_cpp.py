@@ -109,24 +109,6 @@ def test_zero_vectors(op, method):
     torch.testing.assert_close(grad_y, ref_y, rtol=1e-9, atol=1e-13)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_non_contiguous_inputs(op):
-    h, y = random_case(3, (4, 5), (3, 3), 7, dtype=torch.float32, seed=5)
-    h_nc = h.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)   # D-major storage
-    wide = torch.zeros(*y.shape[:2], 2 * y.shape[2])
-    wide[..., ::2] = y
-    y_nc = wide[..., ::2].requires_grad_(True)                                     # strided along D
-    assert not h_nc.is_contiguous() and not y_nc.is_contiguous()
-    h_c, y_c = h.clone().requires_grad_(True), y.clone().requires_grad_(True)
-    a = PUBLIC[op](h_nc, y_nc, h_grid=(4, 5), y_grid=(3, 3), align="h", backend="cpp")
-    b = PUBLIC[op](h_c, y_c, h_grid=(4, 5), y_grid=(3, 3), align="h", backend="cpp")
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    torch.testing.assert_close(h_nc.grad, h_c.grad, rtol=0, atol=0)
-    torch.testing.assert_close(y_nc.grad, y_c.grad, rtol=0, atol=0)
-
-
 class ForcedMethod(torch.autograd.Function):
     """The extension with a forced manifold path, for gradcheck of each path (one block: many small blocks
     are covered by test_fp64_matches_reference, and would make gradcheck's many calls slow)."""
@@ -248,14 +230,6 @@ def test_auto_picks_cpp_on_cpu():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_opcheck(op):
-    h, y = random_case(2, (4, 4), (3, 3), 5, dtype=torch.float32)
-    h.requires_grad_(True)
-    y.requires_grad_(True)
-    torch.library.opcheck(dispatch.BACKENDS["cpp"].ops[op].custom_op, (h, y, [4, 4], [3, 3], [3, 3]))
-
-
 def _compiled_step_matches(compile_backend):
     h, y = random_case(2, (4, 4), (3, 3), 5, dtype=torch.float32)
     h.requires_grad_(True)
@@ -273,10 +247,6 @@ def _compiled_step_matches(compile_backend):
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
-
-
-def test_compile_fullgraph():
-    _compiled_step_matches("aot_eager")
 
 
 @pytest.mark.slow

@@ -73,33 +73,6 @@ def test_no_grad_to_frozen_y():
     assert y.grad is None and h.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_non_contiguous_inputs(backend):
-    h, y = make(d=9)
-    hn = h.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
-    yn = torch.cat([y, y], dim=2)[:, :, ::2]
-    assert not hn.is_contiguous() and not yn.is_contiguous()
-    a = rf.manifold_loss(hn, yn, backend=backend)
-    b = rf.manifold_loss(h, y, backend="reference")
-    torch.testing.assert_close(a, b)
-    (ga,) = torch.autograd.grad(a, hn)
-    (gb,) = torch.autograd.grad(b, h)
-    torch.testing.assert_close(ga, gb)
-
-
-def test_encoder_output_from_inference_mode():
-    """A frozen encoder run under torch.inference_mode gives inference tensors: still a valid y."""
-    h, _ = make()
-    with torch.inference_mode():
-        y = torch.randn(2, 25, 7)
-    for backend in rf.available_backends("cpu"):
-        if backend == "triton":
-            continue  # covered by the kernel tests; the interpreter is slow
-        h.grad = None
-        rf.urepa_loss(h, y, backend=backend)[0].backward()
-        assert torch.isfinite(h.grad).all()
-
-
 @pytest.mark.parametrize("loss", ["cosine", "manifold", "urepa"])
 def test_mean_is_the_mean_of_none_on_every_backend(loss):
     """reduction="mean" takes the batch mean inside the op (fused where a backend can): the same value and
@@ -129,23 +102,13 @@ def test_float64_auto_runs_the_reference(monkeypatch):
     def fused_only(*args):
         raise AssertionError("the fused backend was called")
 
-    monkeypatch.setattr(ops, "default_backend", lambda device: "cpp")
+    monkeypatch.setattr(dispatch, "default_backend", lambda device: "cpp")
     monkeypatch.setitem(dispatch.BACKENDS["cpp"].ops, "cosine", fused_only)
     h, y = make(dtype=torch.float64)
     out = rf.cosine_alignment_loss(h, y, reduction="none")
     assert out.dtype == torch.float64
     monkeypatch.undo()
     torch.testing.assert_close(out, rf.cosine_alignment_loss(h, y, reduction="none", backend="reference"))
-
-
-def test_zero_vectors_give_finite_loss_and_grad():
-    h, y = make()
-    with torch.no_grad():
-        h[0, :3] = 0
-        y[1] = 0
-    total, _, _ = rf.urepa_loss(h, y)
-    total.backward()
-    assert torch.isfinite(total) and torch.isfinite(h.grad).all()
 
 
 def test_available_backends():
@@ -206,25 +169,6 @@ def test_bad_manifold_weight(weight, error):
         rf.urepa_loss(h, y, manifold_weight=weight)
 
 
-def test_compile_fullgraph_reference_backend():
-    h, y = make(n_h=16, n_y=9, d=5)
-    y.requires_grad_(True)
-
-    def step(h, y):
-        total, alignment, manifold = rf.urepa_loss(h, y, backend="reference", align="y")
-        return total + rf.cosine_alignment_loss(h, y, backend="reference")
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out = compiled(h, y)
-    gh, gy = torch.autograd.grad(out, (h, y))
-    ref = step(h, y)
-    rh, ry = torch.autograd.grad(ref, (h, y))
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(gh, rh)
-    torch.testing.assert_close(gy, ry)
-
-
 @pytest.mark.slow
 def test_compile_default_backend_resampled_backward():
     """Inductor checks the backward's strides against the fake: the reference backward must match."""
@@ -241,12 +185,3 @@ def test_compile_default_backend_resampled_backward():
     torch.testing.assert_close(grad, torch.autograd.grad(ref, h)[0])
 
 
-def test_opcheck_reference_ops():
-    from repa_fused.ops import dispatch
-
-    h, y = make(n_h=16, n_y=9, d=5)
-    y.requires_grad_(True)
-    for op in dispatch.OP_NAMES:
-        custom = dispatch.BACKENDS["reference"].ops[op].custom_op
-        for mean in (False, True):  # per sample (T, B), and the batch mean taken around the backend (T, 1)
-            torch.library.opcheck(custom, (h, y, [4, 4], [3, 3], [3, 3], mean))

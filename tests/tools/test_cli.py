@@ -27,7 +27,7 @@ def test_check_fails_loudly_on_a_broken_backend(monkeypatch, capsys):
         return original(op, grad * 1.5, *args)
 
     monkeypatch.setattr(reference, "loss_gradients", wrong)
-    monkeypatch.setattr(checks, "GRADCHECK_CASES", check.GRADCHECK_CASES[:1])
+    monkeypatch.setattr(check, "GRADCHECK_CASES", check.GRADCHECK_CASES[:1])
     assert cli.main(["check", "--backends", "reference"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
