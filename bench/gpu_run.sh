@@ -13,12 +13,12 @@ REPA_FUSED_NO_CPP=1 python3 -m pip install -q --no-deps --no-build-isolation --n
 while [ $# -gt 0 ]; do
   case "$1" in
     tests) step tests
-      timeout 240 python3 -m pytest -q -m cuda tests/test_triton_cosine.py tests/test_triton_manifold.py \
+      timeout 240 python3 -m pytest -q -m cuda tests/ops/test_triton_cosine.py tests/ops/test_triton_manifold.py \
         2>&1 | tail -15 | tee "$OUT/cuda_tests.log"; shift ;;
     tune) step tune
-      timeout 300 python3 bench/tune_cosine.py --sweep 2>&1 | tee "$OUT/tune_cosine.log" | tail -60; shift ;;
+      timeout 300 python3 -m bench.tune.cosine --sweep 2>&1 | tee "$OUT/tune_cosine.log" | tail -60; shift ;;
     split) step split  # eager / compile / triton and the forward-backward split, no sweep
-      timeout 200 python3 bench/tune_cosine.py 2>&1 | tee "$OUT/split_cosine.log" | tail -25; shift ;;
+      timeout 200 python3 -m bench.tune.cosine 2>&1 | tee "$OUT/split_cosine.log" | tail -25; shift ;;
     bench) shift; cases=""
       while [ $# -gt 0 ] && [ "$1" != tests ] && [ "$1" != tune ] && [ "$1" != split ] && [ "$1" != ncu ] && [ "$1" != check ]; do
         cases="$cases $1"; shift; done
@@ -27,11 +27,11 @@ while [ $# -gt 0 ]; do
     ncu) step "ncu flux"  # hardware counters of the forward and band kernels (Firecracker machines)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       if [ -z "$NCU" ]; then echo "ncu: Nsight Compute not found on this machine"; shift; continue; fi
-      timeout 300 "$NCU" --clock-control none -k regex:_cosine --launch-skip 4 --launch-count 2 \
+      timeout 300 "$NCU" --clock-control none -k regex:cosine_ --launch-skip 4 --launch-count 2 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
         --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats \
-        python3 bench/profile_cosine.py flux > "$OUT/ncu_flux.txt" 2>&1; echo "ncu exit $?"
-      grep -E "^  _cosine|Duration|DRAM Throughput|L2 Hit|L1/TEX Hit|Achieved Occupancy|Theoretical Occ|Registers Per|Warp Cycles Per Issued|Issued Warp|No Eligible|Eligible Warps|Waves Per SM|Mem Busy|Max Bandwidth" \
+        python3 -m bench.tune.profile_cosine flux_1024 > "$OUT/ncu_flux.txt" 2>&1; echo "ncu exit $?"
+      grep -E "^  cosine_|Duration|DRAM Throughput|L2 Hit|L1/TEX Hit|Achieved Occupancy|Theoretical Occ|Registers Per|Warp Cycles Per Issued|Issued Warp|No Eligible|Eligible Warps|Waves Per SM|Mem Busy|Max Bandwidth" \
         "$OUT/ncu_flux.txt" | head -60; shift ;;
     check) step check
       timeout "${CHECK_TIMEOUT:-400}" repa-fused check --device cuda -v ${CHECK_ARGS:-} > "$OUT/check_cuda.log" 2>&1; echo "exit $?" >> "$OUT/check_cuda.log"

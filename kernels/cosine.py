@@ -1,6 +1,6 @@
 """Fused REPA cosine alignment: bilinear token resampling + normalisation + cosine, forward and backward.
 
-Math (DESIGN §1). Per sample b and target token t of the (H_t, W_t) grid, h_t and y_t are the bilinear
+Math (docs/design.md). Per sample b and target token t of the (H_t, W_t) grid, h_t and y_t are the bilinear
 resamples of h and y (see interp.py; the identity grid is a plain load), and with
 n_h = ‖h_t‖, n_y = ‖y_t‖, r_h = 1/max(n_h, ε), r_y = 1/max(n_y, ε), c_t = (h_t·y_t)·r_h·r_y:
 
@@ -25,7 +25,7 @@ Backward kernels. An input already on the target grid takes a flat kernel (one l
 output element). A resampled input takes the band kernel: each program owns a band of source rows and
 sweeps down the target rows that read it, building each target row's gradient once and taking it back
 with the separable adjoint (columns: a small matrix product; rows: the 2 row weights). Its row loop is
-pipelined by Triton where rows are downsampled and by hand elsewhere (measured: notes/cosine.md). Every output
+pipelined by Triton where rows are downsampled and by hand elsewhere (measured: docs/cosine.md). Every output
 element is written by one program, once: deterministic, no atomics. Both walk samples (and bands) in the
 reverse order of the forward, so they start on the data the forward read last (still in L2).
 """
@@ -33,6 +33,7 @@ reverse order of the forward, so they start on the data the forward read last (s
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -70,7 +71,7 @@ def cosine_fwd_kernel(
     b_yy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     b_hy = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     # Software pipelining by hand: the raw tap tiles of chunk d + 1 are loaded before chunk d is combined.
-    # (Triton's pipeliner, tl.range(num_stages=3 or 4), measured 0.5–1.7 µs slower on Flux: notes/cosine.md.)
+    # (Triton's pipeliner, tl.range(num_stages=3 or 4), measured 0.5–1.7 µs slower on Flux: docs/cosine.md.)
     offs = tl.arange(0, BLOCK_D)
     m = t_mask[:, None] & (offs < dim)[None, :]
     h00, h01, h10, h11 = load_taps(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
@@ -289,7 +290,7 @@ def cosine_bwd_band_kernel(
 
 # --------------------------------------------------------------------------------------------------
 # Host side. Everything that depends only on shapes is computed once per shape (the eager per-call
-# overhead is measurable on small inputs: see notes/cosine.md).
+# overhead is measurable on small inputs: see docs/cosine.md).
 
 # Under the interpreter a program costs far more than its size: larger tiles, fewer programs.
 _TILE = 8192 if triton_interpreter() else 2048
@@ -297,16 +298,28 @@ _TILE = 8192 if triton_interpreter() else 2048
 
 def _forward_blocks(dim: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps): 1024-element tiles (126 registers, 4 programs per multiprocessor),
-    D chunks of up to 128 (measured: notes/cosine.md)."""
+    D chunks of up to 128 (measured: docs/cosine.md)."""
     block_d = min(triton.next_power_of_2(dim), 128)
     return max(_TILE // 2 // block_d, 1), block_d, 4
 
 
 def _identity_blocks(dim: int) -> tuple[int, int, int]:
     """(BLOCK_J, BLOCK_D, num_warps) of the identity backward: 2048-element tiles, D chunks of up to 256
-    (measured: notes/cosine.md)."""
+    (measured: docs/cosine.md)."""
     block_d = min(triton.next_power_of_2(dim), 256)
     return max(_TILE // block_d, 1), block_d, 4
+
+
+@dataclass(frozen=True)
+class CosineTiles:
+    """Tile configs of the three cosine kernels, for tuning (bench/tune/cosine.py): a field left None takes
+    the default choice for the shape (``_forward_blocks``, ``_identity_blocks``, ``_band_blocks``). The band
+    plan still lowers BLOCK_D and STAGES of a given config where the tiles would not fit (upsampled columns,
+    the shared-memory budget), as it does the defaults'."""
+
+    forward: tuple[int, int, int] | None = None              # (BLOCK_T, BLOCK_D, num_warps)
+    identity: tuple[int, int, int] | None = None             # (BLOCK_J, BLOCK_D, num_warps)
+    band: tuple[int, int, int, int, int] | None = None       # (BAND_ROWS, BLOCK_J, BLOCK_D, num_warps, STAGES)
 
 
 def _axis(grid, target) -> tuple[int, int, float, float, bool]:
@@ -316,11 +329,11 @@ def _axis(grid, target) -> tuple[int, int, float, float, bool]:
 
 
 @functools.lru_cache(maxsize=512)
-def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool):
+def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool, tiles: CosineTiles | None = None):
     """(launch grid, scalars shape, runtime args after the pointers, constexprs). The scalars tensor
     has 4 planes of B·N: s0, s1, s2, then the programs' partial losses."""
     n_tokens = target_grid[0] * target_grid[1]
-    block_t, block_d, warps = _forward_blocks(dim)
+    block_t, block_d, warps = tiles.forward if tiles and tiles.forward else _forward_blocks(dim)
     programs = triton.cdiv(n_tokens, block_t)
     hr, hc, hsr, hsc, h_id = _axis(h_grid, target_grid)
     yr, yc, ysr, ysc, y_id = _axis(y_grid, target_grid)
@@ -334,11 +347,11 @@ def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool)
 
 
 @functools.lru_cache(maxsize=512)
-def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int):
+def _identity_plan(batch: int, dim: int, z_grid, target_grid, own_row: int, tiles: CosineTiles | None = None):
     """(launch grid, runtime args after the pointers, constexprs) of the identity backward."""
     n_tokens = target_grid[0] * target_grid[1]
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    block_j, block_d, warps = _identity_blocks(dim)
+    block_j, block_d, warps = tiles.identity if tiles and tiles.identity else _identity_blocks(dim)
     d_blocks = triton.cdiv(dim, block_d)
     args = dict(n_tokens=n_tokens, dim=dim, width_t=target_grid[1], own_offset=own_row * batch * n_tokens,
                 batch=batch, d_blocks=d_blocks, z_rows=zr, z_cols=zc, z_scale_r=zsr, z_scale_c=zsc,
@@ -366,13 +379,14 @@ _STAGE_BUDGET = 64 * 1024
 
 @functools.lru_cache(maxsize=512)
 def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, dtype: torch.dtype,
-               z_dtype: torch.dtype):
+               z_dtype: torch.dtype, tiles: CosineTiles | None = None):
     """(launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band backward
     (x: the input whose gradient it writes, z: the other)."""
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
-    band_rows, block_j, block_d, warps, stages = _band_blocks(dim, xr > target_grid[0])
+    band = tiles.band if tiles and tiles.band else _band_blocks(dim, xr > target_grid[0])
+    band_rows, block_j, block_d, warps, stages = band
     col_ranges = adjoint_blocks(xc, target_grid[1], block_j)
     row_ranges = adjoint_blocks(xr, target_grid[0], band_rows)
     block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
@@ -427,7 +441,7 @@ def _grad_scale(args: dict, batch: int, mean: bool) -> dict:
     return {**args, "grad_stride": 1}
 
 
-def _launch_forward(h, y, h_grid, y_grid, target_grid, mean):
+def _launch_forward(h, y, h_grid, y_grid, target_grid, mean, tiles=None):
     """Run the forward kernel: (losses (1, B) fp32, or their mean (1, 1) with ``mean``; per-token scalars
     (3, B, N) fp32). The scalars are the first 3 planes of a 4-plane buffer whose last plane is the
     programs' scratch (partly unwritten: it is not handed on, so every element of the op's outputs is
@@ -436,7 +450,7 @@ def _launch_forward(h, y, h_grid, y_grid, target_grid, mean):
         check_kernel_dtype("h", h)
         check_kernel_dtype("y", y)
     batch = h.shape[0]
-    grid, scal_shape, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid, mean)
+    grid, scal_shape, args, meta = _forward_plan(batch, h.shape[2], h_grid, y_grid, target_grid, mean, tiles)
     scal = torch.empty(scal_shape, device=h.device, dtype=torch.float32)
     out = torch.empty((1, batch), device=h.device, dtype=torch.float32)
     batch_mean = torch.empty((1, 1), device=h.device, dtype=torch.float32) if mean else out
@@ -451,24 +465,26 @@ def saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
     return (3, h.shape[0], target_grid[0] * target_grid[1])
 
 
-def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean: bool = False):
+def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean: bool = False, *,
+            tiles: CosineTiles | None = None):
     """(per-sample losses (1, B) float32, −(1/N) Σ_t ĥ_bt·ŷ_bt, or with ``mean`` their batch mean (1, 1);
     per-token scalars (3, B, N) for the backward) for h (B, N_h, D) on ``h_grid`` and y (B, N_y, D) on
-    ``y_grid`` resampled to ``target_grid``."""
-    return _launch_forward(h, y, h_grid, y_grid, target_grid, mean)
+    ``y_grid`` resampled to ``target_grid``. ``tiles``: a tile config to try (tuning); None, the defaults."""
+    return _launch_forward(h, y, h_grid, y_grid, target_grid, mean, tiles)
 
 
-def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row):
+def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row, tiles):
     """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
     batch, n_x, dim = x.shape
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
     if tuple(x_grid) == tuple(target_grid):
-        grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row)
+        grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row, tiles)
         cosine_bwd_identity_kernel[grid](x_ptr=x, z_ptr=z, out_ptr=out, scal_ptr=scal, grad_ptr=grad,
                                          **_grad_scale(args, batch, mean), **_strides("x", x), **_strides("z", z),
                                          **meta)
     else:
-        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype, z.dtype)
+        grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype, z.dtype,
+                                             tiles)
         cosine_bwd_band_kernel[grid](x_ptr=x, z_ptr=z, out_ptr=out, scal_ptr=scal, grad_ptr=grad,
                                      table_ptr=device_table(table, x.device), **_grad_scale(args, batch, mean),
                                      **_strides("x", x), **_strides("z", z), **meta)
@@ -476,11 +492,13 @@ def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row):
 
 
 def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid,
-             needs_h: bool, needs_y: bool, *, saved: torch.Tensor, mean: bool = False):
+             needs_h: bool, needs_y: bool, *, saved: torch.Tensor, mean: bool = False,
+             tiles: CosineTiles | None = None):
     """(∂/∂h, ∂/∂y) of Σ_b grad[0, b]·loss_b, or with ``mean`` of grad[0, 0]·mean_b loss_b, in h's and
-    y's dtypes (None where not needed). grad: (1, B) or (1, 1) float32; saved: the forward's scalars."""
+    y's dtypes (None where not needed). grad: (1, B) or (1, 1) float32; saved: the forward's scalars;
+    ``tiles``: a tile config to try (tuning); None, the defaults."""
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         grad = grad.to(torch.float32).contiguous()
-    grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 1) if needs_h else None
-    grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 2) if needs_y else None
+    grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 1, tiles) if needs_h else None
+    grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 2, tiles) if needs_y else None
     return grad_h, grad_y

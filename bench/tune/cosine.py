@@ -1,8 +1,18 @@
-"""Scratch benchmark of the fused cosine kernels on a GPU (see notes/cosine.md for the results).
+"""Tuning bench of the fused cosine kernels on a GPU (results and history: docs/cosine.md).
 
-python bench/tune_cosine.py [--sweep]   # bf16 fwd+bwd: eager, torch.compile, triton; copy bandwidth;
-                                        # kernel-level split; block-size sweep; eager per-call overhead
+    python -m bench.tune.cosine [--sweep] [--cases NAME ...]   # from the repository root
+
+Per case, bf16, fwd+bwd with the gradient to h: eager, torch.compile and triton (do_bench median, events
+around a synchronised call, peak memory), then the GPU time of the forward and the backward kernels alone
+(CUDA-graph replay) against the copy bandwidth measured in the same process; the host cost of a call
+(launches, a tiny input's fwd+bwd). ``--sweep`` times the kernels under other tile configs, passed to
+``cosine.forward``/``cosine.backward`` as a :class:`CosineTiles` (kernel time alone).
+
+Cases are ``repa_fused.tools.cases.BENCH_CASES`` by name (default: the cosine ones); the kernels run on
+any case's geometry, e.g. ``sdxl_y`` (h upsampled 32² → 37²) takes the hand-pipelined band loop.
 """
+
+from __future__ import annotations
 
 import argparse
 import statistics
@@ -14,22 +24,29 @@ import triton.language as tl
 from triton.testing import do_bench, do_bench_cudagraph
 
 import repa_fused as rf
+from repa_fused.kernels import cosine
+from repa_fused.kernels.cosine import CosineTiles
 from repa_fused.ops import reference
 from repa_fused.tools import bench as benchmarks
-from repa_fused.kernels import cosine
+from repa_fused.tools.cases import BENCH_CASES, BENCH_CASES_BY_NAME, Case
 
-CASES = {  # name: (B, h_grid, y_grid, D, target)
-    "sit": (32, (16, 16), (16, 16), 768, (16, 16)),
-    "flux": (4, (64, 64), (37, 37), 1536, (37, 37)),
-    "up": (2, (32, 32), (37, 37), 1152, (37, 37)),  # h upsampled to the encoder grid
-}
+DEFAULT_CASES = [case.name for case in BENCH_CASES if case.loss == "cosine"]
+
+# Tile configs the sweep tries (the defaults of kernels/cosine.py are among them).
+FORWARD_TILES = [(8, 128, 4), (16, 128, 4), (8, 128, 2), (4, 256, 4), (16, 64, 4), (32, 64, 4)]  # T, D, warps
+IDENTITY_TILES = [(8, 256, 4), (16, 128, 4), (4, 256, 2)]  # BLOCK_J, BLOCK_D, warps
+BAND_TILES = [(8, 16, 64, 4, 1), (8, 16, 128, 4, 3), (8, 16, 64, 4, 3), (12, 16, 64, 4, 1),  # rows, J, D,
+              (8, 32, 64, 4, 1), (8, 16, 128, 4, 2)]                                          # warps, stages
 
 
-def inputs(case, dtype=torch.bfloat16):
-    b, hg, yg, d, _ = CASES[case]
-    h = torch.randn(b, hg[0] * hg[1], d, device="cuda", dtype=dtype).requires_grad_(True)
-    y = torch.randn(b, yg[0] * yg[1], d, device="cuda", dtype=dtype)
-    return h, y
+def inputs(case: Case, dtype=torch.bfloat16):
+    """(h requiring grad, y) of the case on the GPU."""
+    return benchmarks.make_inputs(case, "cuda", dtype)
+
+
+def unit_grad(case: Case) -> torch.Tensor:
+    """The (1, B) upstream gradient of the per-sample losses that a batch mean hands the backward."""
+    return torch.full((1, case.batch), 1.0 / case.batch, device="cuda")
 
 
 def min_bytes(h, y):
@@ -46,7 +63,7 @@ def graph_ms(fn):
 
 
 def events_ms(fn, reps=100):
-    """The lead's harness: events around each call, synchronised (includes host overhead)."""
+    """``repa-fused bench``'s wall time: events around each synchronised call (host included)."""
     return statistics.median(benchmarks.time_ms(fn, torch.device("cuda"), reps, warmup=5))
 
 
@@ -64,16 +81,16 @@ def fwd_bwd(loss, h, y):
     return step
 
 
-def compare(copy):
-    print(f"{'case':6} {'variant':8} {'do_bench ms':>11} {'events ms':>10} {'vs eager':>9} {'vs compile':>10} "
+def compare(cases, copy):
+    print(f"{'case':12} {'variant':8} {'do_bench ms':>11} {'events ms':>10} {'vs eager':>9} {'vs compile':>10} "
           f"{'GB/s':>7} {'% copy':>7} {'peak MiB':>9} {'grad MiB':>9}")
-    for case in CASES:
-        b, hg, yg, d, tg = CASES[case]
+    for case in cases:
         h, y = inputs(case)
-        grids = (hg, yg, tg)
+        grids = case.grids()
         eager = lambda h, y: reference.cosine_alignment(h, y, *grids).mean()
         variants = {"eager": eager, "compile": torch.compile(eager, dynamic=False),
-                    "triton": lambda h, y: rf.cosine_alignment_loss(h, y, h_grid=hg, y_grid=yg, backend="triton")}
+                    "triton": lambda h, y: rf.cosine_alignment_loss(h, y, h_grid=case.h_grid, y_grid=case.y_grid,
+                                                                    align=case.align, backend="triton")}
         res = {}
         for name, loss in variants.items():
             step = fwd_bwd(loss, h, y)
@@ -86,14 +103,14 @@ def compare(copy):
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             res[name] = ms
             gbps = min_bytes(h, y) / ms / 1e6
-            print(f"{case:6} {name:8} {ms:11.4f} {ev:10.4f} {res['eager'] / ms:8.2f}x "
+            print(f"{case.name:12} {name:8} {ms:11.4f} {ev:10.4f} {res['eager'] / ms:8.2f}x "
                   f"{res.get('compile', ms) / ms:9.2f}x {gbps:7.0f} {100 * gbps / copy:6.1f}% {peak:9.1f} "
                   f"{h.numel() * h.element_size() / 2**20:9.1f}")
         # Kernel split: forward alone, backward alone (on the scalars the forward saved).
         with torch.no_grad():
             fw = graph_ms(lambda: cosine.forward(h, y, *grids))
             saved = cosine.forward(h, y, *grids)[1]
-            g = torch.full((1, b), 1.0 / b, device="cuda")
+            g = unit_grad(case)
             bw = graph_ms(lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved))
         try:
             full = graph_ms(fwd_bwd(variants["triton"], h, y))
@@ -101,47 +118,32 @@ def compare(copy):
             full = float("nan")
             print("       (full-step graph capture failed:", type(error).__name__, error, ")")
         print(f"       GPU time of the whole triton fwd+bwd step (graph replay): {full:.4f} ms = "
-              f"{min_bytes(h, y) / full / 1e6:.0f} GB/s of minimum bytes, {min_bytes(h, y) / full / 1e6 / copy * 100:.1f}% of copy")
+              f"{min_bytes(h, y) / full / 1e6:.0f} GB/s of minimum bytes, "
+              f"{min_bytes(h, y) / full / 1e6 / copy * 100:.1f}% of copy")
         rd = (h.numel() * h.element_size() + y.numel() * y.element_size()) / 1e6
         wr = h.numel() * h.element_size() / 1e6
-        print(f"       GPU time (graph replay): forward {fw:.4f} ms ({rd / fw:.0f} GB/s of reads), backward {bw:.4f} ms "
-              f"({(rd + wr) / bw:.0f} GB/s read+write)")
+        print(f"       GPU time (graph replay): forward {fw:.4f} ms ({rd / fw:.0f} GB/s of reads), backward "
+              f"{bw:.4f} ms ({(rd + wr) / bw:.0f} GB/s read+write)")
 
 
-def sweep():
-    """Block sizes of the forward and of the backward that the case takes (identity or band); kernel time only."""
-    fwd_default, identity_default, band_default = cosine._forward_blocks, cosine._identity_blocks, cosine._band_blocks
-    for case in CASES:
-        b, hg, yg, d, tg = CASES[case]
+def sweep(cases):
+    """Tile configs of the forward and of the backward the case takes (identity or band); kernel time only."""
+    for case in cases:
         h, y = inputs(case)
-        grids = (hg, yg, tg)
-        g = torch.full((1, b), 1.0 / b, device="cuda")
+        grids = case.grids()
+        g = unit_grad(case)
         with torch.no_grad():
-            for bt, bd, w in [(16, 128, 4), (8, 128, 4), (8, 128, 2), (4, 256, 4), (16, 64, 4), (32, 64, 4)]:
-                cosine._forward_blocks = lambda dim, c=(bt, bd, w): c
-                cosine._forward_plan.cache_clear()
-                ms = graph_ms(lambda: cosine.forward(h, y, *grids))
-                print(f"{case} forward BLOCK_T={bt} BLOCK_D={bd} warps={w}: {ms:.4f} ms")
-            cosine._forward_blocks = fwd_default
-            cosine._forward_plan.cache_clear()
+            for tiles in FORWARD_TILES:
+                ms = graph_ms(lambda: cosine.forward(h, y, *grids, tiles=CosineTiles(forward=tiles)))
+                print(f"{case.name} forward (BLOCK_T, BLOCK_D, warps)={tiles}: {ms:.4f} ms")
             saved = cosine.forward(h, y, *grids)[1]
-            bwd = lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved)
-            if hg == tg:
-                for bj, bd, w in [(8, 256, 4), (16, 128, 4), (4, 256, 2)]:
-                    cosine._identity_blocks = lambda dim, c=(bj, bd, w): c
-                    cosine._identity_plan.cache_clear()
-                    print(f"{case} backward identity BLOCK_J={bj} BLOCK_D={bd} warps={w}: {graph_ms(bwd):.4f} ms")
-                cosine._identity_blocks = identity_default
-                cosine._identity_plan.cache_clear()
-                continue
-            # (BAND_ROWS, BLOCK_J, BLOCK_D, warps, STAGES)
-            for cfg in [(8, 16, 64, 4, 1), (8, 16, 128, 4, 3), (8, 16, 64, 4, 3), (12, 16, 64, 4, 1),
-                        (8, 32, 64, 4, 1), (8, 16, 128, 4, 2)]:
-                cosine._band_blocks = lambda dim, rows_down, c=cfg: c
-                cosine._band_plan.cache_clear()
-                print(f"{case} backward band {cfg}: {graph_ms(bwd):.4f} ms")
-            cosine._band_blocks = band_default
-            cosine._band_plan.cache_clear()
+            if tuple(case.h_grid) == case.target_grid:
+                configs = [("identity", CosineTiles(identity=tiles)) for tiles in IDENTITY_TILES]
+            else:
+                configs = [("band", CosineTiles(band=tiles)) for tiles in BAND_TILES]
+            for kind, tiles in configs:
+                bwd = lambda: cosine.backward(g, h, y, *grids, True, False, saved=saved, tiles=tiles)
+                print(f"{case.name} backward {kind} {getattr(tiles, kind)}: {graph_ms(bwd):.4f} ms")
 
 
 @triton.jit
@@ -200,15 +202,34 @@ def overhead():
     eager = lambda h, y: reference.cosine_alignment(h, y, (2, 2), (2, 2), (2, 2)).mean()
     print(f"tiny input fwd+bwd host overhead, plain eager autograd: {host_us(fwd_bwd(eager, h, y), n=200):.1f} us/call")
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true")
-    args = parser.parse_args()
+
+def parse_cases(parser: argparse.ArgumentParser, names: list[str]) -> list[Case]:
+    unknown = [name for name in names if name not in BENCH_CASES_BY_NAME]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {sorted(BENCH_CASES_BY_NAME)}")
+    return [BENCH_CASES_BY_NAME[name] for name in names]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.tune.cosine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="also time the kernels under other tile configs")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, metavar="NAME",
+                        help=f"BENCH_CASES by name (default: {' '.join(DEFAULT_CASES)}; all: "
+                             f"{' '.join(BENCH_CASES_BY_NAME)})")
+    args = parser.parse_args(argv)
+    cases = parse_cases(parser, args.cases)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     copy = copy_gbps()
     print(f"copy bandwidth {copy:.0f} GB/s (read + write, 1 GiB fp32)")
     host_breakdown()
     overhead()
-    compare(copy)
+    compare(cases, copy)
     if args.sweep:
-        sweep()
+        sweep(cases)
+
+
+if __name__ == "__main__":
+    main()
