@@ -262,7 +262,7 @@ def run_case(case: Case, device: torch.device, reps: int, backends: Optional[lis
             "case": case.name, "loss": case.loss, "variant": variant, "batch": case.batch,
             "h_grid": list(case.h_grid), "y_grid": list(case.y_grid), "target_grid": list(case.target_grid),
             "dim": case.dim, "align": case.align, "dtype": str(dtype).replace("torch.", ""),
-            "ms": ms, "ms_min": min(times), "reps": reps, "gpu_ms": gpu_ms, "peak_extra_mib": peak,
+            "ms": ms, "ms_min": min(times), "ms_max": max(times), "reps": reps, "gpu_ms": gpu_ms, "peak_extra_mib": peak,
             "grad_h_mib": h.numel() * h.element_size() / 2**20,
             "inputs_mib": (h.numel() * h.element_size() + y.numel() * y.element_size()) / 2**20,
         }
@@ -310,17 +310,23 @@ def run(device=None, cases: Optional[list[str]] = None, reps: Optional[int] = No
 # --------------------------------------------------------------------------------------------------
 # Output.
 
-COLUMNS = [("case", "{}"), ("variant", "{}"), ("ms", "{:.3f}"), ("speedup_vs_eager", "{:.2f}x"),
+# Runs of one variant that spread wider than this fraction of their median are flagged: a timing to
+# repeat, not to quote (a busy machine, a frequency change).
+SPREAD_WARNING = 0.2
+
+COLUMNS = [("case", "{}"), ("variant", "{}"), ("ms", "{:.3f}"), ("ms_spread", "{}"), ("speedup_vs_eager", "{:.2f}x"),
            ("speedup_vs_compile", "{:.2f}x"), ("gpu_ms", "{:.3f}"), ("speedup_vs_eager_gpu", "{:.2f}x"),
            ("speedup_vs_compile_gpu", "{:.2f}x"), ("peak_extra_mib", "{:.1f}"), ("gbps", "{:.3g}"),
            ("pct_copy_bw", "{:.0f}%"), ("tflops", "{:.3g}"), ("pct_matmul", "{:.0f}%")]
-HEADERS = {"ms": "fwd+bwd ms", "speedup_vs_eager": "vs eager", "speedup_vs_compile": "vs compile",
+HEADERS = {"ms": "fwd+bwd ms", "ms_spread": "min..max", "speedup_vs_eager": "vs eager", "speedup_vs_compile": "vs compile",
            "gpu_ms": "GPU ms", "speedup_vs_eager_gpu": "GPU vs eager", "speedup_vs_compile_gpu": "GPU vs compile",
            "peak_extra_mib": "peak MiB", "gbps": "GB/s", "pct_copy_bw": "% copy", "tflops": "TFLOP/s",
            "pct_matmul": "% mm"}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
+    if key == "ms_spread":
+        return "-" if row.get("ms_max") is None else f"{row['ms_min']:.3g}..{row['ms_max']:.3g}"
     value = row.get(key)
     if value is None or (key in ("tflops", "pct_matmul") and row["loss"] == "cosine"):
         return "-"
@@ -335,6 +341,7 @@ def format_table(report: dict, markdown: bool = False) -> str:
              f"copy {ceil['copy_gbps']:.0f} GB/s, {ceil['matmul_dtype']} matmul {ceil['matmul_tflops']:.3g} TFLOP/s"
              + (" | CPU-scaled cases (B/8, D/8)" if report.get("cpu_scaled") else ""))
     errors = [f"{row['case']} {row['variant']} failed: {row['error']}" for row in report["results"] if row.get("error")]
+    errors += spread_warnings(report)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -344,6 +351,20 @@ def format_table(report: dict, markdown: bool = False) -> str:
                                        enumerate(zip(cells, widths)))
     return "\n".join([title, fmt_line(header), fmt_line(["-" * w for w in widths])] + [fmt_line(r) for r in body]
                      + errors)
+
+
+def spread_warnings(report: dict) -> list[str]:
+    """One line per variant whose timed runs disagree by more than SPREAD_WARNING of their median."""
+    lines = []
+    for row in report["results"]:
+        if row.get("ms_max") is None or not row.get("ms"):
+            continue
+        spread = (row["ms_max"] - row["ms_min"]) / row["ms"]
+        if spread > SPREAD_WARNING:
+            lines.append(f"warning: {row['case']} {row['variant']}: its {row['reps']} runs disagree by "
+                         f"{100 * spread:.0f}% of the median (min {row['ms_min']:.3g}, median {row['ms']:.3g}, "
+                         f"max {row['ms_max']:.3g} ms): rerun before quoting it")
+    return lines
 
 
 def write_json(report: dict, path: str) -> None:

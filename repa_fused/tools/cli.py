@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Optional, Sequence
 
@@ -34,10 +35,9 @@ def cmd_bench(args) -> int:
     from ..ops import dispatch
     from . import bench
 
-    unknown = [name for name in (args.cases or []) if name not in bench.CASES_BY_NAME]
-    if unknown:
-        raise SystemExit(f"repa-fused bench: unknown case(s) {unknown}; choose from "
-                         f"{list(bench.CASES_BY_NAME)}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("repa-fused bench: --plot needs matplotlib, which is not installed: "
+                         "pip install 'repa_fused[plot]' (or pip install matplotlib)")
     device = _device_arg(args.device)
     fused = [name for name in dispatch.available_backends(device) if name != "reference"]
     missing = [name for name in (args.backends or []) if name not in fused]
@@ -58,6 +58,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cases import BENCH_CASES_BY_NAME
+
     parser = argparse.ArgumentParser(prog="repa-fused", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -69,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="eager, torch.compile and fused backends side by side")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--cases", nargs="+", help="case names (default: all)")
+    bench.add_argument("--cases", nargs="+", metavar="CASE", choices=list(BENCH_CASES_BY_NAME),
+                       help="cases to run (default: all): " + "; ".join(
+                           f"{case.name}: {case.description}" for case in BENCH_CASES_BY_NAME.values()))
     bench.add_argument("--backends", nargs="+", help="only these fused backends")
     bench.add_argument("--reps", type=int, help="timed repetitions per variant (default 50 GPU, 5 CPU)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")

@@ -57,9 +57,39 @@ def test_bench_writes_table_json_and_csv(tmp_path, capsys):
     assert rows[0]["case"] == "sd15_min" and float(rows[0]["ms"]) > 0
 
 
-def test_bench_rejects_unknown_case():
-    with pytest.raises(SystemExit, match="unknown case"):
+def test_bench_rejects_unknown_case(capsys):
+    with pytest.raises(SystemExit) as exit:
         cli.main(["bench", "--cases", "nope"])
+    assert exit.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_bench_help_lists_the_cases(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for case in bench.CASES:
+        assert f"{case.name}:" in text
+
+
+def test_bench_plot_without_matplotlib_fails_before_running(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the benchmark ran before the plot check"))
+    with pytest.raises(SystemExit, match=r"repa_fused\[plot\]"):
+        cli.main(["bench", "--cases", "sd15_min", "--plot", "out.png"])
+
+
+def test_spread_of_the_runs_is_shown_and_warned():
+    row = {"case": "c", "variant": "eager", "loss": "urepa", "ms": 10.0, "ms_min": 6.0, "ms_max": 48.0, "reps": 3}
+    steady = dict(row, variant="cpp", ms_min=9.5, ms_max=10.5)
+    report = {"environment": {"device": "d", "torch": "t", "triton": None, "date": "now"},
+              "ceilings": {"copy_gbps": 1.0, "matmul_dtype": "float32", "matmul_tflops": 1.0}, "results": [row, steady]}
+    table = bench.format_table(report)
+    assert "6..48" in table and "9.5..10.5" in table
+    warnings = bench.spread_warnings(report)
+    assert len(warnings) == 1 and "c eager" in warnings[0] and "420%" in warnings[0]
 
 
 @pytest.mark.parametrize("name", ["tritn", "reference"])
