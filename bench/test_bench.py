@@ -1,4 +1,4 @@
-"""pytest-benchmark view of the same cases as ``repa-fused bench`` (repa_fused.benchmarks.CASES).
+"""pytest-benchmark view of the same cases as ``repa-fused bench`` (repa_fused.tools.cases.BENCH_CASES).
 
     python -m pytest bench/ --benchmark-columns=median,iqr --benchmark-group-by=param:case
 

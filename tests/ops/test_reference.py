@@ -59,7 +59,7 @@ def test_reference_gradcheck(loss, case):
 
 
 def test_reference_gradients_match_the_closed_form():
-    """DESIGN §1's gradients, written out, against autograd through the reference (identity grid)."""
+    """docs/design.md's gradients, written out, against autograd through the reference (identity grid)."""
     b, n, d = 2, 9, 5
     h, y = random_case(b, (3, 3), (3, 3), d, seed=5)
     h.requires_grad_(True)
