@@ -547,7 +547,7 @@ def cache_features(images_dir: Union[str, os.PathLike], out: Union[str, os.PathL
     summary over all ranks (on every rank). Raises ValueError for bad arguments, a cache made with other
     settings or a folder another run is writing; CacheError when the cache ends up lacking an image.
     """
-    from .encoders import ASPECTS
+    from .encoders import ASPECTS, load_encoder
 
     storage = storage_name(dtype)
     if aspect not in ASPECTS:
@@ -566,6 +566,8 @@ def cache_features(images_dir: Union[str, os.PathLike], out: Union[str, os.PathL
     group = _Group()
     lock, keys, unreadable = None, None, []
     try:
+        device = group.agree(lambda: _device(device))
+
         def claim():  # rank 0, before anyone loads an encoder: a refused run costs nothing
             nonlocal lock, keys, unreadable
             if group.rank == 0:
@@ -575,7 +577,8 @@ def cache_features(images_dir: Union[str, os.PathLike], out: Union[str, os.PathL
                 lock = _BuildLock(out)
 
         group.agree(claim)
-        device, enc = group.agree(lambda: _load(encoder, image_size, device, storage, aspect))
+        enc = group.agree(lambda: load_encoder(encoder, image_size, device=device, dtype=STORAGE[storage][1],
+                                               aspect=aspect))
         meta = _metadata(enc, storage)
         plan = group.agree(lambda: _plan(out, meta, keys, log) if group.rank == 0 else None)
         plan = group.broadcast(plan)
@@ -614,13 +617,6 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _load(encoder: str, image_size: int, device, storage: str, aspect: str):
-    from .encoders import load_encoder
-
-    device = _device(device)
-    return device, load_encoder(encoder, image_size, device=device, dtype=STORAGE[storage][1], aspect=aspect)
 
 
 def _metadata(enc, storage: str) -> dict:
