@@ -235,12 +235,20 @@ def main(argv=None) -> int:
         count = args.images or int(min(cfg["max_images"], max(cfg["min_images"], rates[batch] * cfg["seconds"])))
         images = os.path.join(work, "images")
         copy_images(unique, images, count)
+        copied = count
         report["setup"].update(images=count, unique_images=args.unique,
                                jpeg_kib=sum(os.path.getsize(os.path.join(unique, n)) for n in os.listdir(unique))
                                / 1024 / args.unique)
         log("decode workers alone")
-        report["decode_only"] = {"workers": workers,
-                                 "img_per_s": decode_rate(enc, images, workers, min(count, 16 * max(workers, 1) * 8))}
+        try:
+            rate = decode_rate(enc, images, workers, min(count, 16 * max(workers, 1) * 8))
+        except RuntimeError as exc:  # a worker killed, e.g. by a small /dev/shm in a container
+            log(f"decode workers failed ({exc}); going on without workers, on fewer images")
+            report["setup"]["worker_error"] = str(exc).splitlines()[0]
+            workers, count = 0, cfg["min_images"] // 2
+            report["setup"]["images"] = count
+            rate = decode_rate(enc, images, workers, count)
+        report["decode_only"] = {"workers": workers, "img_per_s": rate}
         report["disk_write_MBps"] = disk_rate(work, 8 if args.tiny else 1024)
         save()
         del enc
@@ -254,7 +262,7 @@ def main(argv=None) -> int:
                  "float8": min(count, max(cfg["min_images"], int(report["builds"].get("bfloat16", {}).get(
                      "img_per_s", 0) * cfg["seconds"] * 2)))}[storage]
             log(f"cache-features build, {storage}, {n} images")
-            folder = images if n == count else os.path.join(work, f"images_{n}")
+            folder = images if n == copied else os.path.join(work, f"images_{n}")
             if not os.path.isdir(folder):
                 copy_images(unique, folder, n)
             out = os.path.join(work, f"cache_{storage}")
