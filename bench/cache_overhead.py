@@ -49,6 +49,9 @@ from repa_fused.training.decode import decode_latents
 from repa_fused.training.encoders import load_encoder
 from repa_fused.training.regularizers import build_projector
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cache_build import DINOV2_GIANT, gpu_slug, write_images  # noqa: E402  (the build benchmark's, shared)
+
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -61,8 +64,6 @@ SDXL_VAE = dict(
     up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
     sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 TAESDXL = dict()  # AutoencoderTiny's defaults are TAESD/TAESDXL's architecture
-DINOV2_GIANT = dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
-                    use_swiglu_ffn=True, patch_size=14, image_size=518, layerscale_value=1.0)
 TEXT = dict(tokens=77, width=2048, pooled=1280)
 
 # The same code path on models small enough for a CPU.
@@ -79,14 +80,6 @@ TINY = dict(
     dinov2=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, patch_size=7,
                 image_size=28),
     text=dict(tokens=5, width=16, pooled=8), resolution=32, encoder_size=28, vae_factor=2)
-
-
-def gpu_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100'; other names lower-cased with '_' for anything not alphanumeric."""
-    match = re.search(r"\b([A-Z]\d{2,3}[A-Z]?)\b", name)
-    if match and name.startswith("NVIDIA"):
-        return match.group(1).lower()
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 class Timer:
@@ -118,17 +111,6 @@ class Timer:
             end.synchronize()
             return start.elapsed_time(end) / steps
         return (time.perf_counter() - t0) * 1e3 / steps
-
-
-def write_images(folder: str, count: int, size: int) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(count):
-        # Smooth random colour fields (a coarse grid upsampled): JPEG sizes and decode times of a photo, not noise.
-        coarse = rng.integers(0, 256, (size // 32, size // 32, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(f"{folder}/{i:05d}.jpg", quality=90)
 
 
 def evict(cache_dir: str) -> None:

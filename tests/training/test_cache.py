@@ -98,7 +98,8 @@ def test_cached_tokens_equal_the_live_encoder(images, dinov2_dir, tmp_path, dtyp
     assert (summary.found, summary.already_cached, summary.encoded, summary.entries) == (7, 0, 6, 6)
     assert [key for key, _ in summary.skipped] == [BAD]
     cache = FeatureCache(tmp_path / "c")
-    live = load_encoder(dinov2_dir, SIZE, dtype=cache_module.DTYPES[dtype], aspect=aspect)
+    live = load_encoder(dinov2_dir, SIZE, dtype=cache_module.STORAGE[cache_module.storage_name(dtype)][1],
+                        aspect=aspect)
     assert sorted(cache.keys()) == GOOD and len(cache) == 6 and "top.png" in cache and BAD not in cache
     meta = cache.metadata
     assert meta["encoder"] == os.path.abspath(dinov2_dir) and meta["image_size"] == SIZE
@@ -163,11 +164,13 @@ def test_an_interrupted_run_loses_no_written_shard(images, dinov2_dir, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         build(images, out, dinov2_dir, batch_size=1, shard_size=1)
     monkeypatch.undo()
-    (out / ".left.safetensors.1.tmp").write_bytes(b"partial")  # a write that died half-way
+    ours = out / ".0123abcd-r000-00007.safetensors.89abcdef.tmp"  # a shard write that died half-way
+    ours.write_bytes(b"partial")
+    (out / ".left.safetensors.1.tmp").write_bytes(b"a user's file")  # not a name the cache writes
     assert len(FeatureCache(out)) == 0  # the index never heard of the two shards written
     summary = build(images, out, dinov2_dir)
     assert (summary.already_cached, summary.encoded, summary.entries) == (2, 4, 6)
-    assert not (out / ".left.safetensors.1.tmp").exists()
+    assert not ours.exists() and (out / ".left.safetensors.1.tmp").read_bytes() == b"a user's file"
 
 
 def test_a_lost_index_is_rebuilt_from_the_shards(square, images, dinov2_dir, tmp_path):
@@ -214,7 +217,10 @@ def test_two_processes_split_the_work_and_merge_one_index(images, dinov2_dir, sq
                "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode != 0, done.stderr  # the corrupt image makes every rank exit 1
+    # The corrupt image: rank 0 reports it and exits 1, after rank 1 exited 0 (torchrun killed no rank).
+    assert done.returncode == 1, done.stderr
+    assert "exitcode  : 1" in done.stderr and "<NO_OTHER_FAILURES>" in done.stderr, done.stderr
+    assert "SIGTERM" not in done.stderr, done.stderr
     assert done.stdout.count("repa-fused cache-features:") == 1, done.stdout  # one summary, from rank 0
     assert "7 images found, 0 already cached, 6 encoded, 1 skipped" in done.stdout
     assert f"skipped {BAD}" in done.stdout
@@ -289,7 +295,8 @@ def test_bad_keys_arguments(square):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"dtype": "fp16"}, "dtype must be one of"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"num_workers": -1}, "num_workers must be an int"),
     ({"aspect": "crop"}, "aspect must be one of"),
     ({"batch_size": 0}, "batch_size must be a positive int"),
     ({"shard_size": -1}, "shard_size must be a positive int"),
