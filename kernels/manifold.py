@@ -54,6 +54,8 @@ ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
 # its reductions and the projection pass eat cuBLAS's edge).
 GRAM_EFFICIENCY = 0.85
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+# Up to this width the Gram path multiplies back by its D×D products in fp32 (see _gram_loss_and_grads).
+SMALL_DIM = 128
 # Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars.
 _EPS = tl.constexpr(EPS)  # the normaliser's eps inside the kernels
 S0, S1, S2, RNORM_H, RNORM_Y, COS = range(6)
@@ -258,6 +260,21 @@ def manifold_fwd_gram_grad_kernel(g_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, di
 
 
 @triton.jit
+def manifold_bwd_scale_kernel(part_ptr, grad_ptr, out_ptr, per_image, grad_stride, ACCUMULATE: tl.constexpr,
+                              BLOCK: tl.constexpr, RTNE: tl.constexpr):
+    """The whole backward of a gradient made in the forward: out[b] (+)= grad[b]·part[b] (contiguous
+    (B, ...) tensors, per_image elements each); grid (blocks, B)."""
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < per_image
+    base = b.to(tl.int64) * per_image
+    value = tl.load(part_ptr + base + offs, mask=m, other=0.0).to(tl.float32) * tl.load(grad_ptr + b * grad_stride)
+    if ACCUMULATE:
+        value += tl.load(out_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + base + offs, _rounded(value, out_ptr.dtype.element_ty, RTNE), mask=m)
+
+
+@triton.jit
 def _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width, h_scale_h, h_scale_w,
                     stride_yn, stride_yd, y_height, y_width, y_scale_h, y_scale_w,
                     H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr):
@@ -412,6 +429,7 @@ class Tiles:
     vec_block_t: int = 4
     vec_block_d: int = 512
     vec_warps: int = 4
+    scale_block: int = 4096
     # Panels of S_h − S_y and Gram chunks are processed in rounds that fit this many bytes: peak memory
     # has no term in N² (a panel row block is BLOCK_M × N), whatever the batch.
     workspace_bytes: int = 32 * 2**20
@@ -422,7 +440,7 @@ class Tiles:
             return cls(fwd_block=16, fwd_block_k=32, fwd_warps=1, fwd_stages=1, panel_block_m=16,
                        panel_block_n=16, panel_block_k=32, panel_warps=1, panel_stages=1, prod_block_k=16,
                        prod_block_d=16, prod_warps=1, prod_stages=1, vec_block_t=16, vec_block_d=32,
-                       vec_warps=1, workspace_bytes=8 * 2**10)
+                       vec_warps=1, scale_block=64, workspace_bytes=8 * 2**10)
         if element_size > 2:
             return dataclasses.replace(TILES, fwd_block_k=TILES.fwd_block_k // 2,
                                        panel_block_k=TILES.panel_block_k // 2,
@@ -553,7 +571,10 @@ def _gram_loss_and_grads(prep: _Prepared, out, grads) -> None:
             sign = 1.0 - 2.0 * own
             # (S_h − S_y)X̂ = ½ Z·[ΔᵀX̂; XᵀX̂] = ¼ Z·[ΔᵀX ± ΔᵀΔ; XᵀX ± XᵀΔ]
             product = torch.cat((torch.add(dx, dd, alpha=sign), torch.add(xx, xd, alpha=sign)), 1)
-            g = _bmm_f32(zc, product.to(z.dtype))
+            # A bf16 product is rounded by 2^-9 before the normaliser's projection removes most of G: at
+            # small D (launch-bound anyway) multiply by the fp32 product (bf16 fuzz: 1.1e-2 -> < 1e-2).
+            exact = dim <= SMALL_DIM or z.dtype == torch.float32
+            g = torch.bmm(zc.float(), product) if exact else _bmm_f32(zc, product.to(z.dtype))
             del product
             manifold_fwd_gram_grad_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), zc.shape[0])](
                 g_ptr=g, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf, n_tokens=n_tokens, dim=dim, batch=batch,
@@ -637,18 +658,22 @@ def manifold_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_
     return loss.unsqueeze(0), None, part_h, part_y
 
 
-def _scaled(part: Optional[torch.Tensor], grad_row: torch.Tensor) -> Optional[torch.Tensor]:
-    """part·grad_row[b] per image, in part's dtype (one kernel; the part stays as saved, so a second
-    backward with retain_graph=True sees it unchanged)."""
-    if part is None:
-        return None
-    return torch.mul(part, grad_row.view(-1, 1, 1), out=torch.empty_like(part))
+def _scale_into(out: torch.Tensor, part: torch.Tensor, grad_row: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """out[b] (+)= grad_row[b]·part[b], in one pass; the part stays as saved, so a second backward
+    (retain_graph=True) sees it unchanged."""
+    cfg = Tiles.current()
+    per_image = part[0].numel()
+    manifold_bwd_scale_kernel[(triton.cdiv(per_image, cfg.scale_block), part.shape[0])](
+        part_ptr=part, grad_ptr=grad_row, out_ptr=out, per_image=per_image, grad_stride=grad_row.stride(0),
+        ACCUMULATE=accumulate, BLOCK=cfg.scale_block, RTNE=_rtne(out), num_warps=4)
+    return out
 
 
 def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *, parts):
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b]: the forward's gradients, scaled."""
     row = grad[0].float()
-    return (_scaled(parts[0], row) if needs_h else None), (_scaled(parts[1], row) if needs_y else None)
+    return tuple(_scale_into(torch.empty_like(part), part, row, False) if needs else None
+                 for part, needs in zip(parts, (needs_h, needs_y)))
 
 
 def urepa_saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
@@ -675,5 +700,5 @@ def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *,
     grad_h, grad_y = cosine.backward(grad[:1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y, saved=saved)
     for out, part in ((grad_h, parts[0]), (grad_y, parts[1])):
         if out is not None:
-            out.addcmul_(part, grad[1].view(-1, 1, 1))
+            _scale_into(out, part, grad[1], True)
     return grad_h, grad_y
