@@ -198,13 +198,14 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
             return losses
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, grad):
+            # The check comes before no_grad (once_differentiable would hide create_graph from it).
             _refuse_double_backward(name)
-            h, y, saved, part_h, part_y = _unstash(ctx)
-            needs_h, needs_y = ctx.needs_input_grad[:2]
-            grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved, ctx.mean,
-                                          (part_h, part_y))
+            with torch.no_grad():
+                h, y, saved, part_h, part_y = _unstash(ctx)
+                needs_h, needs_y = ctx.needs_input_grad[:2]
+                grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved,
+                                              ctx.mean, (part_h, part_y))
             return grad_h, grad_y, None, None, None, None
 
     def call(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean: bool = False) -> torch.Tensor:
