@@ -1,32 +1,37 @@
-"""U-REPA's manifold loss and the fused U-REPA loss in Triton, with no N×N tensor.
+"""U-REPA's manifold loss and the fused U-REPA loss in Triton, in one pass, with no N×N tensor.
 
 Math (DESIGN §1), per image b, N target tokens, Ĥ, Ŷ ∈ R^{N×D} the interpolated, normalised tokens:
 
     L_man = (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² = (1/N²) ‖S_h − S_y‖²_F,   S_h = ĤĤᵀ, S_y = ŶŶᵀ
-    L_cos = −(1/N) Σ_n ĥ_n·ŷ_n
     ∂L_man/∂Ĥ = (4/N²)(S_h − S_y) Ĥ,   ∂L_man/∂Ŷ = −(4/N²)(S_h − S_y) Ŷ
     ∂L/∂x_n   = (G_n − (G_n·x̂_n) x̂_n) / max(‖x_n‖, eps),   then the transposed bilinear interpolation.
 
-Pipeline. A pre-pass interpolates and normalises both inputs once into Z = [Ĥ | Ŷ] (B, N, 2D) in the
-compute dtype, with per-token 1/‖x‖ and ĥ·ŷ (the cosine term): every token is then read N/BLOCK times
-by the similarity tiles, so paying the 4-tap interpolation and the norm once beats redoing them in
-every tile load (measured: notes/manifold.md). Two algorithms then give the same loss:
+One pass. The loss is a scalar per image, so when an input needs a gradient the forward makes it
+there (as fused loss kernels do), sharing each tile of S_h − S_y between the loss and the gradient;
+the op's backward only scales it by the upstream gradient (ops.OpImpl.grad_in_forward). The cosine
+term of U-REPA keeps kernels/cosine.py's backward, fed with the per-token scalars the pre-pass writes.
 
-* tiled (flash-attention style): forward streams the (i ≤ j) tiles of S_h − S_y through registers and
-  sums their squares (symmetry halves the work: 2·N²·D FLOPs). The backward cannot keep a row block's
-  gradient in registers as flash attention does (it is BLOCK_M × D, D ≈ 1–2K), so it works in rounds:
-  one kernel writes the row panels (BLOCK_M × N each) of S_h − S_y for as many (image, row block)
-  items as a fixed workspace holds (32 MiB, whatever N is), a second multiplies each panel
-  by Ĥ, one D chunk per program (6·N²·D FLOPs in all). The normaliser's radial term needs
-  G_i·ĥ_i = (4g/N²) Σ_j (S_h − S_y)_ij (S_h)_ij − (g_cos/N) ĥ_i·ŷ_i, which the first kernel sums on
-  the way, so the gradient leaves the second kernel projected and scaled, never stored unnormalised.
-* gram: ‖S_h − S_y‖²_F = ‖ĤᵀĤ‖²_F + ‖ŶᵀŶ‖²_F − 2‖ĤᵀŶ‖²_F and (S_h − S_y)Ĥ = Ĥ(ĤᵀĤ) − Ŷ(ŶᵀĤ), i.e.
-  Zᵀ Z with signs (8·N·D² FLOPs) and Z·[ĤᵀĤ; −ŶᵀĤ] (4·N·D² each way), through cuBLAS. It subtracts large
-  numbers, so the D×D products are kept in fp32 and the second product multiplies by a bf16 hi + lo
-  split of them; the forward falls back to tiled when the cancellation ratio is too large (see
-  GRAM_MAX_CANCELLATION). Cost model and accuracy bound: notes/manifold.md.
+Pipeline. A pre-pass interpolates and normalises both inputs once into Z (B, N, 2D) in the compute dtype,
+with per-token scalars: every token is then read N/BLOCK times by the similarity tiles, so paying the
+4-tap interpolation and the norm once beats redoing them in every tile load. The norm pre-scales each
+token by its running max-abs (online, as a softmax's running max), so tokens whose squared norm
+overflows fp32 (elements ~1e19) still normalise. Two algorithms, chosen per shape by a cost model:
 
-Choice: REPA_FUSED_MANIFOLD_ALGO=auto|tiled|gram (read at import) or the module attribute ALGORITHM.
+* tiled (flash-attention style), Z = [Ĥ | Ŷ]. Loss only: the (i ≤ j) tiles of S_h − S_y in registers,
+  squared and summed (2·N²·D FLOPs). With a gradient, a row block's gradient (BLOCK_M × D, D ≈ 1–2K)
+  does not fit in registers, so the panel kernel writes row panels (BLOCK_M × N) of S_h − S_y for as
+  many (image, row block) items as a fixed workspace holds, summing the loss and the normaliser's radial
+  terms G_i·x̂_i = (4/N²) Σ_j (S_h − S_y)_ij S_x,ij on the way; a product kernel multiplies each panel by
+  X̂, one D chunk per program, and leaves through the normaliser (4·N²·D + 2·N²·D per gradient).
+* gram, Z = [X | Δ], X = Ĥ + Ŷ, Δ = Ĥ − Ŷ (made in fp32 before rounding, so Δ keeps its own relative
+  precision when h and y align). S_h − S_y = ½(XΔᵀ + ΔXᵀ) gives, with A = ZᵀZ (2D × 2D, fp32):
+      N²·L = ½(⟨XᵀX, ΔᵀΔ⟩ + ⟨ΔᵀX, (ΔᵀX)ᵀ⟩)                                    (8·N·D²)
+      (S_h − S_y)X̂ = ½ Z·[ΔᵀX̂; XᵀX̂],  ΔᵀĤ = ½(ΔᵀX + ΔᵀΔ), XᵀĤ = ½(XᵀX + XᵀΔ),  Ŷ: signs of Δ flipped
+  (4·N·D² per gradient). No term subtracts two large numbers as ‖ĤᵀĤ‖² + ‖ŶᵀŶ‖² − 2‖ĤᵀŶ‖² did, so no
+  accuracy guard (and no host synchronisation) is needed. Images go in chunks that fit the workspace.
+
+Choice: the ``algorithm`` argument of the entry points ("auto" | "tiled" | "gram"); "auto" takes
+ALGORITHM (REPA_FUSED_MANIFOLD_ALGO at import, default "auto"), where "auto" is the cost model.
 """
 
 from __future__ import annotations
@@ -34,48 +39,60 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interp
 from ._runtime import EPS, triton_interpreter
 
-from . import interp
-
-NORM_EPS = EPS
 ALGORITHMS = ("auto", "tiled", "gram")
 ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
-
-# Cost model (FLOPs per image, h-gradient only; y's gradient adds the same again to both backward paths):
-#   tiled: forward 2·N²·D, backward 6·N²·D;  gram: forward 8·N·D², backward 12·N·D²
-# and the Gram path runs its FLOPs at GRAM_EFFICIENCY times the Triton tiles' rate (H100, N = 4096,
-# D = 1024, notes/manifold.md: 447 vs 533 TFLOP/s forward, 431 vs 510 backward; the Frobenius
-# reductions and the hi/lo split eat cuBLAS's edge). Gram then wins for N > 4.7·D (forward) and
-# N > 2.35·D (backward).
-GRAM_EFFICIENCY = {"forward": 0.85, "backward": 0.85}
-# The Gram forward's relative error against fp64 grew as ≈ 5e-6·ratio on an H100 (N = 4096, D = 1024),
-# ratio = (‖ĤᵀĤ‖² + ‖ŶᵀŶ‖²) / ‖S_h − S_y‖²; above this ratio (error ≳ 1e-3) the tiled kernel recomputes
-# the loss. The backward needs no guard: with the hi/lo split its error stayed ≤ 1e-3 up to ratio 3e5,
-# the size of the tiled backward's own (bf16 panel) error.
-GRAM_MAX_CANCELLATION = 200.0
+# The Gram path runs its FLOPs at this fraction of the Triton tiles' rate (H100, notes/manifold.md:
+# its reductions and the projection pass eat cuBLAS's edge).
+GRAM_EFFICIENCY = 0.85
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+# Up to this width the Gram path multiplies back by its D×D products in fp32 (see _gram_loss_and_grads).
+SMALL_DIM = 128
+# Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars.
+_EPS = tl.constexpr(EPS)  # the normaliser's eps inside the kernels
+S0, S1, S2, RNORM_H, RNORM_Y, COS = range(6)
+N_STATS = 6
 
 
-def choose_algorithm(n_tokens: int, dim: int, backward: bool = False) -> str:
-    """"tiled" or "gram" for N target tokens of width D: ALGORITHM when forced, else the cheaper one."""
-    if ALGORITHM not in ALGORITHMS:
-        raise ValueError(f"REPA_FUSED_MANIFOLD_ALGO / manifold.ALGORITHM must be one of {ALGORITHMS}, "
-                         f"got {ALGORITHM!r}")
-    if ALGORITHM != "auto":
-        return ALGORITHM
-    tiled = (6.0 if backward else 2.0) * n_tokens * n_tokens * dim
-    gram = (12.0 if backward else 8.0) * n_tokens * dim * dim
-    return "gram" if gram < tiled * GRAM_EFFICIENCY["backward" if backward else "forward"] else "tiled"
+def algorithm_costs(n_tokens: int, dim: int, grads: int) -> dict[str, float]:
+    """FLOPs per image of each algorithm for the loss and ``grads`` (0–2) input gradients."""
+    if grads == 0:
+        return {"tiled": 2.0 * n_tokens**2 * dim, "gram": 8.0 * n_tokens * dim**2}
+    return {"tiled": (4.0 + 2.0 * grads) * n_tokens**2 * dim, "gram": (8.0 + 4.0 * grads) * n_tokens * dim**2}
+
+
+def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "auto") -> str:
+    """"tiled" or "gram": ``algorithm`` when forced (else ALGORITHM when forced), else the cheaper one."""
+    for value, where in ((algorithm, "algorithm"), (ALGORITHM, "REPA_FUSED_MANIFOLD_ALGO")):
+        if value not in ALGORITHMS:
+            raise ValueError(f"{where} must be one of {ALGORITHMS}, got {value!r}")
+    forced = algorithm if algorithm != "auto" else ALGORITHM
+    if forced != "auto":
+        return forced
+    cost = algorithm_costs(n_tokens, dim, grads)
+    return "gram" if cost["gram"] < cost["tiled"] * GRAM_EFFICIENCY else "tiled"
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr, RTNE: tl.constexpr):
+    """x as ``dtype``. RTNE (set under the interpreter for bf16 outputs): the interpreter truncates fp32
+    to bf16, a 2^-9 bias in every stored value; round to nearest even by hand, as the GPU does."""
+    if RTNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -104,13 +121,12 @@ def _similarity_tiles(z_ptr, stride_n, rows, cols, n_tokens, dim,
 
 
 @triton.jit
-def _tiled_forward_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb, stride_zn,
-                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """partial[b, pair] = scale·w·‖(S_h − S_y)[tile i, tile j]‖²_F, tile pairs i ≤ j (w = 2 off the diagonal).
-
-    grid (pairs, B); pair = j(j+1)/2 + i. The (B, pairs) partials are summed on the host in a fixed order.
-    """
+def manifold_fwd_tiled_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb, stride_zn,
+                              BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """Loss only: partial[b, pair] = scale·w·‖(S_h − S_y)[tile i, tile j]‖²_F over tile pairs i ≤ j
+    (w = 2 off the diagonal). grid (pairs, B); pair = j(j+1)/2 + i; the partials are summed in a fixed
+    order afterwards (deterministic)."""
     pair = tl.program_id(0)
     b = tl.program_id(1)
     # Invert pair = j(j+1)/2 + i; the float root can be one off either way, so correct it.
@@ -128,13 +144,15 @@ def _tiled_forward_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale, str
 
 
 @triton.jit(do_not_specialize=["item0"])
-def _panel_kernel(z_ptr, panel_ptr, radial_ptr, n_tokens, dim, row_tiles, item0, stride_zb, stride_zn,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward phase 1, grid (column tiles, items of this round); item = b·row_tiles + row tile.
+def manifold_fwd_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_tokens, dim, row_tiles, item0, scale,
+                              stride_zb, stride_zn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                              RTNE: tl.constexpr):
+    """With a gradient, phase 1; grid (column tiles, items of this round), item = b·row_tiles + row tile.
 
-    panel[item, :, cols] = (S_h − S_y)[rows, cols] (compute dtype), and the radial partial sums
-    radial[item, 0|1, column tile, :] = Σ_cols (S_h − S_y)·S_h | S_y (fp32).
+    panel[local, :, cols] = (S_h − S_y)[rows, cols] (compute dtype); radial[local, 0|1, tile, :] =
+    Σ_cols (S_h − S_y)·S_h | S_y (fp32); loss[item, tile] = scale·‖(S_h − S_y)[rows, cols]‖²_F: the one
+    tile serves the loss and both gradients.
     """
     tj = tl.program_id(0)
     local = tl.program_id(1)
@@ -147,28 +165,35 @@ def _panel_kernel(z_ptr, panel_ptr, radial_ptr, n_tokens, dim, row_tiles, item0,
                                      dim, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, PRECISION)
     diff = acc_h - acc_y
     col_tiles = tl.num_programs(0)
+    tl.store(loss_ptr + item * col_tiles + tj, scale * tl.sum(tl.sum(diff * diff, axis=1), axis=0))
     p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * col_tiles * BLOCK_N
-    tl.store(p_panel + r_local[:, None] * (col_tiles * BLOCK_N) + cols[None, :],
-             diff.to(panel_ptr.dtype.element_ty))
+    stored = _rounded(diff, panel_ptr.dtype.element_ty, RTNE)
+    tl.store(p_panel + r_local[:, None] * (col_tiles * BLOCK_N) + cols[None, :], stored)
+    # The radial terms from the panel as stored: G·x̂ then matches the G the product kernel makes from
+    # it, so the projection removes the radial part exactly (a 1-D token's gradient is exactly 0).
+    diff = stored.to(tl.float32)
     p_radial = radial_ptr + (local * 2 * col_tiles + tj) * BLOCK_M + r_local
     tl.store(p_radial, tl.sum(diff * acc_h, axis=1))
     tl.store(p_radial + col_tiles * BLOCK_M, tl.sum(diff * acc_y, axis=1))
 
 
+@triton.jit
+def _leave_normaliser(grad, radial, b_own, rnorm):
+    """(G − (G·x̂) x̂)·rnorm; below eps the normaliser is a plain scaling, with no projection (as
+    F.normalize's backward)."""
+    radial = tl.where(rnorm < 1.0 / _EPS, radial, 0.0)
+    return (grad - radial[:, None] * b_own) * rnorm[:, None]
+
+
 @triton.jit(do_not_specialize=["item0"])
-def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, grad_ptr, out_ptr, n_tokens, dim,
-                          row_tiles, col_tiles, width, item0, own, sign, man_off, man_scale, cos_scale,
-                          stride_zb, stride_zn, stride_ob, stride_on, HAS_COS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward phase 2, grid (D chunks, items of this round): the panel (width = padded N) times X̂ = Ĥ (own = 0) or Ŷ
-    (own = 1), leaving through the normaliser:
-
-        G = sign·c_man·(panel @ X̂) − c_cos·other,   out = (G − (G·x̂) x̂)·rnorm,
-        G·x̂ = sign·c_man·Σ radial[own] − c_cos·ĥ·ŷ   (no second pass over D).
-
-    c_man = man_scale·grad[man_off + b] = 4·g_man/N², c_cos = cos_scale·grad[b] = g_cos/N (grad: the
-    op's (T, B) upstream gradient); stats (B, 3, N) = (1/‖h‖, 1/‖y‖, ĥ·ŷ).
-    """
+def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, dim, batch,
+                                   row_tiles, col_tiles, width, item0, own, coef, stride_zb, stride_zn,
+                                   stride_ob, stride_on, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                                   RTNE: tl.constexpr):
+    """With a gradient, phase 2; grid (D chunks, items of this round): the panel (width = padded N) times
+    X̂ = Ĥ (own = 0) or Ŷ (own = 1), out of the normaliser: G = coef·(panel @ X̂) (coef = ±4/N²),
+    G·x̂ = coef·Σ radial[own] (no second pass over D); out: the target-grid gradient."""
     d_chunk = tl.program_id(0)
     local = tl.program_id(1)
     item = item0 + local
@@ -192,67 +217,60 @@ def _panel_product_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, grad_ptr, out
     p_radial = radial_ptr + (local * 2 + own) * col_tiles * BLOCK_M + r_local
     for t in range(col_tiles):
         radial += tl.load(p_radial + t * BLOCK_M)
-    c_man = sign * man_scale * tl.load(grad_ptr + man_off + b)
-    c_cos = cos_scale * tl.load(grad_ptr + b)
-    stats_b = stats_ptr + b.to(tl.int64) * 3 * n_tokens
-    radial = c_man * radial
     m_rd = m_r[:, None] & m_d[None, :]
-    grad = c_man * acc
-    if HAS_COS:
-        radial -= c_cos * tl.load(stats_b + 2 * n_tokens + rows, mask=m_r, other=0.0)
-        grad -= c_cos * tl.load(z_b + rows[:, None] * stride_zn + (dim - own_off) + ds[None, :], mask=m_rd,
-                                other=0.0).to(tl.float32)
-    rnorm = tl.load(stats_b + own * n_tokens + rows, mask=m_r, other=0.0)
-    # Below eps the normaliser is a plain scaling: no radial projection (as the reference).
-    radial = tl.where(rnorm < 1.0 / 1e-12, radial, 0.0)
-    b_own = tl.load(z_b + rows[:, None] * stride_zn + own_off + ds[None, :], mask=m_rd,
-                    other=0.0).to(tl.float32)
-    grad = (grad - radial[:, None] * b_own) * rnorm[:, None]
+    rnorm = tl.load(stats_ptr + ((3 + own) * batch + b).to(tl.int64) * n_tokens + rows, mask=m_r, other=0.0)
+    b_own = tl.load(z_b + rows[:, None] * stride_zn + own_off + ds[None, :], mask=m_rd, other=0.0).to(tl.float32)
+    out = _leave_normaliser(coef * acc, coef * radial, b_own, rnorm)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + rows[:, None] * stride_on + ds[None, :],
-             grad.to(out_ptr.dtype.element_ty), mask=m_rd)
+             _rounded(out, out_ptr.dtype.element_ty, RTNE), mask=m_rd)
 
 
 @triton.jit
-def _unit_backward_kernel(g_ptr, g_lo_ptr, z_ptr, stats_ptr, grad_ptr, out_ptr, n_tokens, dim, own, sign,
-                          man_off, man_scale, cos_scale, stride_zb, stride_zn, stride_ob, stride_on,
-                          HAS_LO: tl.constexpr, HAS_COS: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gram path: out = (G − (G·x̂) x̂)·rnorm, G = sign·c_man·(g + g_lo) − c_cos·other; g: (B, N, D) fp32.
-
-    Two passes over D: the radial dot needs the whole row first. own, sign, c_man, c_cos as in
-    _panel_product_kernel.
-    """
-    b = tl.program_id(1)
+def manifold_fwd_gram_grad_kernel(g_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, dim, batch, b0, own, coef,
+                                  stride_zb, stride_zn, stride_ob, stride_on,
+                                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, RTNE: tl.constexpr):
+    """Gram path, out of the normaliser: G = coef·g (g: this chunk's (c, N, D) fp32 (S_h − S_y)X̂),
+    x̂ = ½(X ± Δ) from Z = [X | Δ] (+ for h: own = 0, − for y: own = 1); two passes over D (the radial dot needs the whole row).
+    grid (token blocks, images of the chunk); image b0 + program 1."""
+    local = tl.program_id(1)
+    b = b0 + local
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = toks < n_tokens
-    c_man = sign * man_scale * tl.load(grad_ptr + man_off + b)
-    c_cos = cos_scale * tl.load(grad_ptr + b)
     z_b = z_ptr + b.to(tl.int64) * stride_zb
-    own_off = own * dim
-    g_b = b.to(tl.int64) * n_tokens * dim
+    g_b = local.to(tl.int64) * n_tokens * dim
+    own_sign = 1.0 - 2.0 * own
+    rnorm = tl.load(stats_ptr + ((3 + own) * batch + b).to(tl.int64) * n_tokens + toks, mask=m_t, other=0.0)
     radial = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for pass_ in tl.static_range(2):
         for d0 in range(0, dim, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             m = m_t[:, None] & (ds < dim)[None, :]
-            offs = toks[:, None] * dim + ds[None, :]
-            grad = tl.load(g_ptr + g_b + offs, mask=m, other=0.0)
-            if HAS_LO:
-                grad += tl.load(g_lo_ptr + g_b + offs, mask=m, other=0.0).to(tl.float32)
-            grad *= c_man
-            if HAS_COS:
-                grad -= c_cos * tl.load(z_b + toks[:, None] * stride_zn + (dim - own_off) + ds[None, :], mask=m,
-                                        other=0.0).to(tl.float32)
-            b_own = tl.load(z_b + toks[:, None] * stride_zn + own_off + ds[None, :], mask=m,
-                            other=0.0).to(tl.float32)
+            grad = coef * tl.load(g_ptr + g_b + toks[:, None] * dim + ds[None, :], mask=m, other=0.0)
+            p_z = z_b + toks[:, None] * stride_zn + ds[None, :]
+            b_x = tl.load(p_z, mask=m, other=0.0).to(tl.float32)
+            b_d = tl.load(p_z + dim, mask=m, other=0.0).to(tl.float32)
+            b_own = 0.5 * (b_x + own_sign * b_d)
             if pass_ == 0:
                 radial += tl.sum(grad * b_own, axis=1)
             else:
-                rnorm = tl.load(stats_ptr + (b * 3 + own) * n_tokens + toks, mask=m_t, other=0.0)
-                proj = tl.where(rnorm < 1.0 / 1e-12, radial, 0.0)
-                out = (grad - proj[:, None] * b_own) * rnorm[:, None]
+                out = _leave_normaliser(grad, radial, b_own, rnorm)
                 tl.store(out_ptr + b.to(tl.int64) * stride_ob + toks[:, None] * stride_on + ds[None, :],
-                         out.to(out_ptr.dtype.element_ty), mask=m)
+                         _rounded(out, out_ptr.dtype.element_ty, RTNE), mask=m)
+
+
+@triton.jit
+def manifold_bwd_scale_kernel(part_ptr, grad_ptr, out_ptr, per_image, grad_stride, ACCUMULATE: tl.constexpr,
+                              BLOCK: tl.constexpr, RTNE: tl.constexpr):
+    """The whole backward of a gradient made in the forward: out[b] (+)= grad[b]·part[b] (contiguous
+    (B, ...) tensors, per_image elements each); grid (blocks, B)."""
+    b = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < per_image
+    base = b.to(tl.int64) * per_image
+    value = tl.load(part_ptr + base + offs, mask=m, other=0.0).to(tl.float32) * tl.load(grad_ptr + b * grad_stride)
+    if ACCUMULATE:
+        value += tl.load(out_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + base + offs, _rounded(value, out_ptr.dtype.element_ty, RTNE), mask=m)
 
 
 @triton.jit
@@ -268,14 +286,24 @@ def _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_heig
 
 
 @triton.jit
-def _prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, n_tokens, dim, width_t,
-                    stride_hb, stride_hn, stride_hd, stride_yb, stride_yn, stride_yd, stride_zb, stride_zn,
-                    h_height, h_width, h_scale_h, h_scale_w, y_height, y_width, y_scale_h, y_scale_w,
-                    H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Z[b, t] = [ĥ_t | ŷ_t] on the target grid; stats[b] = (1/max(‖h_t‖, eps), 1/max(‖y_t‖, eps), ĥ_t·ŷ_t).
+def _safe_inverse(m):
+    """1/m, and 0 for m = 0 (a zero token stays zero)."""
+    return tl.where(m > 0.0, 1.0 / tl.where(m > 0.0, m, 1.0), 0.0)
 
-    grid (token blocks, B). Pass 1 gathers the norms and the dot, pass 2 re-reads (from L2) and writes.
+
+@triton.jit
+def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim, width_t,
+                            stride_hb, stride_hn, stride_hd, stride_yb, stride_yn, stride_yd, stride_zb, stride_zn,
+                            h_height, h_width, h_scale_h, h_scale_w, y_height, y_width, y_scale_h, y_scale_w,
+                            H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, SUM_DIFF: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, RTNE: tl.constexpr):
+    """Z[b, t] = [ĥ_t | ŷ_t] (or with SUM_DIFF [ĥ_t + ŷ_t | ĥ_t − ŷ_t]) on the target grid, and the stats
+    planes (P, B, N): s0 = r_h·r_y, s1 = [‖h‖ > eps]·c·r_h², s2 = [‖y‖ > eps]·c·r_y² (kernels/cosine.py's
+    saved scalars), r_h, r_y, c = ĥ·ŷ, with r_x = 1/max(‖x‖, eps).
+
+    grid (token blocks, B). Pass 1 takes the norms and the dot of the tokens divided by their running
+    max-abs m (rescaled by (m_old/m_new)² when m grows), so that no square overflows fp32; pass 2
+    re-reads (from L2) and writes.
     """
     b = tl.program_id(1)
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -283,6 +311,8 @@ def _prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, n_tokens, dim, width_t,
     h_b = h_ptr + b.to(tl.int64) * stride_hb
     y_b = y_ptr + b.to(tl.int64) * stride_yb
     z_b = z_ptr + b.to(tl.int64) * stride_zb
+    max_h = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    max_y = tl.zeros((BLOCK_T,), dtype=tl.float32)
     sq_h = tl.zeros((BLOCK_T,), dtype=tl.float32)
     sq_y = tl.zeros((BLOCK_T,), dtype=tl.float32)
     dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -292,30 +322,51 @@ def _prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, n_tokens, dim, width_t,
         v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
                                    h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
                                    y_scale_w, H_IDENTITY, Y_IDENTITY)
-        sq_h += tl.sum(v_h * v_h, axis=1)
-        sq_y += tl.sum(v_y * v_y, axis=1)
-        dot += tl.sum(v_h * v_y, axis=1)
-    rnorm_h = 1.0 / tl.maximum(tl.sqrt(sq_h), 1e-12)
-    rnorm_y = 1.0 / tl.maximum(tl.sqrt(sq_y), 1e-12)
-    stats_b = stats_ptr + b.to(tl.int64) * 3 * n_tokens
-    tl.store(stats_b + toks, rnorm_h, mask=m_t)
-    tl.store(stats_b + n_tokens + toks, rnorm_y, mask=m_t)
-    tl.store(stats_b + 2 * n_tokens + toks, dot * rnorm_h * rnorm_y, mask=m_t)
+        new_h = tl.maximum(max_h, tl.max(tl.abs(v_h), axis=1))
+        new_y = tl.maximum(max_y, tl.max(tl.abs(v_y), axis=1))
+        inv_h = _safe_inverse(new_h)
+        inv_y = _safe_inverse(new_y)
+        keep_h = max_h * inv_h
+        keep_y = max_y * inv_y
+        u_h = v_h * inv_h[:, None]
+        u_y = v_y * inv_y[:, None]
+        sq_h = sq_h * keep_h * keep_h + tl.sum(u_h * u_h, axis=1)
+        sq_y = sq_y * keep_y * keep_y + tl.sum(u_y * u_y, axis=1)
+        dot = dot * keep_h * keep_y + tl.sum(u_h * u_y, axis=1)
+        max_h = new_h
+        max_y = new_y
+    norm_h = max_h * tl.sqrt(sq_h)
+    norm_y = max_y * tl.sqrt(sq_y)
+    r_h = 1.0 / tl.maximum(norm_h, _EPS)
+    r_y = 1.0 / tl.maximum(norm_y, _EPS)
+    cos = dot * (max_h * r_h) * (max_y * r_y)
+    plane = batch * n_tokens
+    p_stats = stats_ptr + b.to(tl.int64) * n_tokens + toks
+    tl.store(p_stats, r_h * r_y, mask=m_t)
+    tl.store(p_stats + plane, tl.where(norm_h > _EPS, cos * r_h * r_h, 0.0), mask=m_t)
+    tl.store(p_stats + 2 * plane, tl.where(norm_y > _EPS, cos * r_y * r_y, 0.0), mask=m_t)
+    tl.store(p_stats + 3 * plane, r_h, mask=m_t)
+    tl.store(p_stats + 4 * plane, r_y, mask=m_t)
+    tl.store(p_stats + 5 * plane, cos, mask=m_t)
     for d0 in range(0, dim, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         m = m_t[:, None] & (ds < dim)[None, :]
         v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
                                    h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
                                    y_scale_w, H_IDENTITY, Y_IDENTITY)
+        u_h = v_h * r_h[:, None]
+        u_y = v_y * r_y[:, None]
+        if SUM_DIFF:
+            u_h, u_y = u_h + u_y, u_h - u_y
         p_z = z_b + toks[:, None] * stride_zn + ds[None, :]
-        tl.store(p_z, (v_h * rnorm_h[:, None]).to(z_ptr.dtype.element_ty), mask=m)
-        tl.store(p_z + dim, (v_y * rnorm_y[:, None]).to(z_ptr.dtype.element_ty), mask=m)
+        tl.store(p_z, _rounded(u_h, z_ptr.dtype.element_ty, RTNE), mask=m)
+        tl.store(p_z + dim, _rounded(u_y, z_ptr.dtype.element_ty, RTNE), mask=m)
 
 
 @triton.jit
-def _adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height_t, width_t, height_s,
+def manifold_grad_adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height_t, width_t, height_s,
                     width_s, scale_h, scale_w, k_rows, k_cols, stride_gb, stride_gn, stride_ob, stride_on,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, RTNE: tl.constexpr):
     """out[b, s] = Σ_t w(t, s)·g[b, t]: the transposed bilinear resampling as a gather (deterministic).
 
     Source token s = (row, col) is read by target rows start_r[row] … + k_rows − 1 and columns
@@ -344,7 +395,7 @@ def _adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height
                                other=0.0)
                 acc += w[:, None] * taps.to(tl.float32)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + src[:, None] * stride_on + ds[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=m_s[:, None] & m_d[None, :])
+                 _rounded(acc, out_ptr.dtype.element_ty, RTNE), mask=m_s[:, None] & m_d[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,12 +405,12 @@ def _adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@dataclass
-class _Config:
-    """Tile shapes: the H100 measurements of notes/manifold.md for 2-byte operands; 4-byte (fp32)
-    operands halve the K steps to fit shared memory. Under the interpreter the tiles are 16 (the
-    smallest tl.dot) so that tiny test shapes cross tile edges, the D-wide loops 32 (its cost is per
-    operation), and the workspace a few KB so that the backward runs in several rounds."""
+@dataclass(frozen=True)
+class Tiles:
+    """Tile shapes: 128-wide tl.dot tiles (wgmma on Hopper) for 2-byte operands; 4-byte (fp32) operands
+    halve the K steps to fit shared memory. Under the interpreter the tiles are 16 (the smallest tl.dot)
+    so that tiny test shapes cross tile edges, and the workspace a few KB so that the panels and the
+    Gram chunks take several rounds."""
 
     fwd_block: int = 128
     fwd_block_k: int = 64
@@ -377,28 +428,32 @@ class _Config:
     vec_block_t: int = 4
     vec_block_d: int = 512
     vec_warps: int = 4
-    # Backward workspace: row panels of S_h − S_y, processed in rounds that fit this many bytes. 64 MiB
-    # (one round for SDXL) saved two launches but put the SDXL peak over 1.5× (h + y + grad h).
+    scale_block: int = 4096
+    # Panels of S_h − S_y and Gram chunks are processed in rounds that fit this many bytes: peak memory
+    # has no term in N² (a panel row block is BLOCK_M × N), whatever the batch.
     workspace_bytes: int = 32 * 2**20
 
     @classmethod
-    def current(cls, element_size: int = 2) -> "_Config":
+    def current(cls, element_size: int = 2) -> "Tiles":
         if triton_interpreter():
-            return cls(16, 32, 1, 1, 16, 16, 32, 1, 1, 16, 16, 1, 1, 16, 32, 1, 8 * 2**10)
+            return cls(fwd_block=16, fwd_block_k=32, fwd_warps=1, fwd_stages=1, panel_block_m=16,
+                       panel_block_n=16, panel_block_k=32, panel_warps=1, panel_stages=1, prod_block_k=16,
+                       prod_block_d=16, prod_warps=1, prod_stages=1, vec_block_t=16, vec_block_d=32,
+                       vec_warps=1, scale_block=64, workspace_bytes=8 * 2**10)
         if element_size > 2:
-            return dataclasses.replace(CONFIG, fwd_block_k=CONFIG.fwd_block_k // 2,
-                                       panel_block_k=CONFIG.panel_block_k // 2,
-                                       prod_block_k=CONFIG.prod_block_k // 2)
-        return CONFIG
+            return dataclasses.replace(TILES, fwd_block_k=TILES.fwd_block_k // 2,
+                                       panel_block_k=TILES.panel_block_k // 2,
+                                       prod_block_k=TILES.prod_block_k // 2)
+        return TILES
 
 
-CONFIG = _Config()
+TILES = Tiles()
 
 
 @dataclass
 class _Prepared:
-    """The pre-pass output: z (B, N, 2D) = [Ĥ | Ŷ] in the compute dtype; stats (B, 3, N) fp32 =
-    (1/‖h‖, 1/‖y‖, ĥ·ŷ) on the target grid."""
+    """The pre-pass output: z (B, N, 2D) in the compute dtype, [Ĥ | Ŷ] (tiled) or [X | Δ] (gram);
+    stats (N_STATS, B, N) fp32 on the target grid."""
 
     z: torch.Tensor
     stats: torch.Tensor
@@ -417,88 +472,50 @@ class _Prepared:
         return {"COMPUTE": compute, "PRECISION": "tf32" if tf32 and not triton_interpreter() else "ieee"}
 
 
-def _compute_dtype(h: torch.Tensor, y: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(h.dtype, y.dtype)
+def _rtne(out: torch.Tensor) -> bool:
+    """Whether a kernel writing ``out`` rounds bf16 by hand (see _rounded)."""
+    return triton_interpreter() and out.dtype == torch.bfloat16
 
 
-def _prepare(h, y, h_grid, y_grid, target_grid) -> _Prepared:
+def _prepare(h, y, h_grid, y_grid, target_grid, sum_diff: bool) -> _Prepared:
     batch, _, dim = h.shape
     n_tokens = target_grid[0] * target_grid[1]
-    z = torch.empty(batch, n_tokens, 2 * dim, dtype=_compute_dtype(h, y), device=h.device)
-    stats = torch.empty(batch, 3, n_tokens, dtype=torch.float32, device=h.device)
-    cfg = _Config.current()
-    grid = (triton.cdiv(n_tokens, cfg.vec_block_t), batch)
-    _prepass_kernel[grid](
-        h, y, z, stats, n_tokens, dim, target_grid[1], *h.stride(), *y.stride(), z.stride(0), z.stride(1),
-        h_grid[0], h_grid[1], interp.axis_scale(h_grid[0], target_grid[0]),
-        interp.axis_scale(h_grid[1], target_grid[1]),
-        y_grid[0], y_grid[1], interp.axis_scale(y_grid[0], target_grid[0]),
-        interp.axis_scale(y_grid[1], target_grid[1]),
+    z = torch.empty(batch, n_tokens, 2 * dim, dtype=torch.promote_types(h.dtype, y.dtype), device=h.device)
+    stats = torch.empty(N_STATS, batch, n_tokens, dtype=torch.float32, device=h.device)
+    cfg = Tiles.current()
+    manifold_prepass_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), batch)](
+        h_ptr=h, y_ptr=y, z_ptr=z, stats_ptr=stats, batch=batch, n_tokens=n_tokens, dim=dim,
+        width_t=target_grid[1], stride_hb=h.stride(0), stride_hn=h.stride(1), stride_hd=h.stride(2),
+        stride_yb=y.stride(0), stride_yn=y.stride(1), stride_yd=y.stride(2), stride_zb=z.stride(0),
+        stride_zn=z.stride(1), h_height=h_grid[0], h_width=h_grid[1],
+        h_scale_h=interp.axis_scale(h_grid[0], target_grid[0]), h_scale_w=interp.axis_scale(h_grid[1], target_grid[1]),
+        y_height=y_grid[0], y_width=y_grid[1],
+        y_scale_h=interp.axis_scale(y_grid[0], target_grid[0]), y_scale_w=interp.axis_scale(y_grid[1], target_grid[1]),
         H_IDENTITY=tuple(h_grid) == tuple(target_grid), Y_IDENTITY=tuple(y_grid) == tuple(target_grid),
-        BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+        SUM_DIFF=sum_diff, RTNE=_rtne(z), BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
     return _Prepared(z, stats)
 
 
-def _tiled_loss(prep: _Prepared, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(B,) manifold loss by the tiled kernel, into ``out`` when given."""
+def _tiled_loss(prep: _Prepared, out: torch.Tensor) -> None:
+    """out (B,) = the manifold loss by the symmetric tiles (no gradient)."""
     batch, n_tokens, dim = prep.shape
-    cfg = _Config.current(prep.z.element_size())
+    cfg = Tiles.current(prep.z.element_size())
     tiles = triton.cdiv(n_tokens, cfg.fwd_block)
     pairs = tiles * (tiles + 1) // 2
     # (B, pairs) with pairs ≈ N²/(2·BLOCK²): a few KB, summed in a fixed order (deterministic).
     partial = torch.empty(batch, pairs, dtype=torch.float32, device=prep.z.device)
-    _tiled_forward_kernel[(pairs, batch)](
-        prep.z, partial, n_tokens, dim, pairs, 1.0 / n_tokens**2, prep.z.stride(0), prep.z.stride(1),
-        BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-        **prep.dot_args())
-    return torch.sum(partial, 1, out=out)
+    manifold_fwd_tiled_kernel[(pairs, batch)](
+        z_ptr=prep.z, partial_ptr=partial, n_tokens=n_tokens, dim=dim, n_pairs=pairs, scale=1.0 / n_tokens**2,
+        stride_zb=prep.z.stride(0), stride_zn=prep.z.stride(1), BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k,
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **prep.dot_args())
+    torch.sum(partial, 1, out=out)
 
 
-def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (fp32 accumulation; cuBLAS writes 16-bit inputs straight to fp32)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
-
-
-def _gram_loss(prep: _Prepared) -> Optional[torch.Tensor]:
-    """The loss from ZᵀZ = [[ĤᵀĤ, ĤᵀŶ], [ŶᵀĤ, ŶᵀŶ]] (fp32), or None when it cancels too much."""
-    batch, n_tokens, dim = prep.shape
-    gram = _bmm_f32(prep.z.mT, prep.z)
-
-    def frob2(block):
-        return torch.linalg.vector_norm(block, dim=(1, 2)).double().square()
-
-    same = frob2(gram[:, :dim, :dim]) + frob2(gram[:, dim:, dim:])
-    total = same - 2.0 * frob2(gram[:, :dim, dim:])
-    if bool((same > GRAM_MAX_CANCELLATION * total).any()):
-        return None
-    return (total / n_tokens**2).float()
-
-
-def manifold_values(prep: _Prepared, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (B,) = the per-image manifold loss from the pre-pass, by the algorithm of the cost model."""
-    _, n_tokens, dim = prep.shape
-    if choose_algorithm(n_tokens, dim) == "gram":
-        loss = _gram_loss(prep)
-        if loss is not None:
-            return out.copy_(loss)
-    return _tiled_loss(prep, out)
-
-
-def _grad_args(grad: torch.Tensor, n_tokens: int) -> dict:
-    """Kernel arguments for the op's upstream gradient (T, B) fp32: the manifold row is the last, the
-    cosine row (urepa) the first; the kernels read both per image, so no coefficient tensor is built."""
-    return {"grad_ptr": grad, "man_off": (grad.shape[0] - 1) * grad.shape[1],
-            "man_scale": 4.0 / n_tokens**2, "cos_scale": 1.0 / n_tokens, "HAS_COS": grad.shape[0] == 2}
-
-
-def _tiled_backward(prep: _Prepared, grad, out_h, out_y) -> None:
-    """Row panels of S_h − S_y (BLOCK_M × N each) for as many (image, row block) items as the workspace
-    holds, then their products with Ĥ (and Ŷ); repeated until every row is done."""
+def _tiled_loss_and_grads(prep: _Prepared, out, grads) -> None:
+    """out (B,) = the loss; grads: [(own, target-grid buffer)] get ∂L_man/∂x (x = h: own 0, y: own 1)."""
     batch, n_tokens, dim = prep.shape
     z = prep.z
-    cfg = _Config.current(z.element_size())
+    cfg = Tiles.current(z.element_size())
     block_m = cfg.panel_block_m
     row_tiles = triton.cdiv(n_tokens, block_m)
     col_tiles = triton.cdiv(n_tokens, cfg.panel_block_n)
@@ -508,49 +525,62 @@ def _tiled_backward(prep: _Prepared, grad, out_h, out_y) -> None:
     group = triton.cdiv(items, rounds)
     panel = torch.empty(group, block_m, width, dtype=z.dtype, device=z.device)
     radial = torch.empty(group, 2, col_tiles, block_m, dtype=torch.float32, device=z.device)
+    loss = torch.empty(batch, row_tiles * col_tiles, dtype=torch.float32, device=z.device)
     dot_args = prep.dot_args()
-    grad_args = _grad_args(grad, n_tokens)
     for item0 in range(0, items, group):
         count = min(group, items - item0)
-        _panel_kernel[(col_tiles, count)](
-            z, panel, radial, n_tokens, dim, row_tiles, item0, z.stride(0), z.stride(1),
-            BLOCK_M=block_m, BLOCK_N=cfg.panel_block_n, BLOCK_K=cfg.panel_block_k,
-            num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
-        for out, own, sign in ((out_h, 0, 1.0), (out_y, 1, -1.0)):
-            if out is None:
-                continue
-            _panel_product_kernel[(triton.cdiv(dim, cfg.prod_block_d), count)](
-                panel, radial, z, prep.stats, out_ptr=out, n_tokens=n_tokens, dim=dim, row_tiles=row_tiles,
-                col_tiles=col_tiles, width=width, item0=item0, own=own, sign=sign, stride_zb=z.stride(0),
-                stride_zn=z.stride(1), stride_ob=out.stride(0), stride_on=out.stride(1), BLOCK_M=block_m,
-                BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, num_warps=cfg.prod_warps,
-                num_stages=cfg.prod_stages, **grad_args, **dot_args)
+        manifold_fwd_panel_kernel[(col_tiles, count)](
+            z_ptr=z, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
+            row_tiles=row_tiles, item0=item0, scale=1.0 / n_tokens**2, stride_zb=z.stride(0),
+            stride_zn=z.stride(1), BLOCK_M=block_m, BLOCK_N=cfg.panel_block_n, BLOCK_K=cfg.panel_block_k,
+            RTNE=_rtne(panel), num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
+        for own, buf in grads:
+            manifold_fwd_panel_grad_kernel[(triton.cdiv(dim, cfg.prod_block_d), count)](
+                panel_ptr=panel, radial_ptr=radial, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf,
+                n_tokens=n_tokens, dim=dim, batch=batch, row_tiles=row_tiles, col_tiles=col_tiles, width=width,
+                item0=item0, own=own, coef=(1.0 - 2.0 * own) * 4.0 / n_tokens**2, stride_zb=z.stride(0),
+                stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), BLOCK_M=block_m,
+                BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, RTNE=_rtne(buf), num_warps=cfg.prod_warps,
+                num_stages=cfg.prod_stages, **dot_args)
+    torch.sum(loss, 1, out=out)
 
 
-def _gram_backward(prep: _Prepared, grad, out_h, out_y) -> None:
-    """G_x = ±(S_h − S_y)X̂ = ±Z·[ĤᵀX̂; −ŶᵀX̂], the D×D products in fp32 and multiplied back as a bf16
-    hi + lo pair (one bf16 rounding of them would be amplified by the cancellation)."""
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation; cuBLAS writes 16-bit inputs straight to fp32)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _gram_loss_and_grads(prep: _Prepared, out, grads) -> None:
+    """The Gram path on Z = [X | Δ], in chunks of images that fit the workspace (see the module notes)."""
     batch, n_tokens, dim = prep.shape
-    cfg = _Config.current()
     z = prep.z
-    for out, own, sign in ((out_h, 0, 1.0), (out_y, 1, -1.0)):
-        if out is None:
-            continue
-        products = _bmm_f32(z.mT, z[:, :, own * dim:(own + 1) * dim])
-        products[:, dim:].neg_()
-        if z.dtype == torch.float32:
-            g, g_lo = torch.bmm(z, products), None
-        else:
-            hi = products.to(z.dtype)
-            g = _bmm_f32(z, hi)
-            g_lo = torch.bmm(z, products.sub_(hi).to(z.dtype))
-            del hi
-        del products
-        _unit_backward_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), batch)](
-            g, g_lo if g_lo is not None else g, z, prep.stats, out_ptr=out, n_tokens=n_tokens, dim=dim,
-            own=own, sign=sign, stride_zb=z.stride(0), stride_zn=z.stride(1), stride_ob=out.stride(0),
-            stride_on=out.stride(1), HAS_LO=g_lo is not None, BLOCK_T=cfg.vec_block_t,
-            BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps, **_grad_args(grad, n_tokens))
+    cfg = Tiles.current()
+    per_image = 4 * (4 * dim * dim + (n_tokens * dim if grads else 0))
+    chunk = max(1, min(batch, cfg.workspace_bytes // per_image))
+    for b0 in range(0, batch, chunk):
+        zc = z[b0:b0 + chunk]
+        gram = _bmm_f32(zc.mT, zc)  # [[XᵀX, XᵀΔ], [ΔᵀX, ΔᵀΔ]]
+        xx, xd = gram[:, :dim, :dim], gram[:, :dim, dim:]
+        dx, dd = gram[:, dim:, :dim], gram[:, dim:, dim:]
+        total = (xx * dd).sum((1, 2)) + (dx * dx.mT).sum((1, 2))
+        torch.mul(total, 0.5 / n_tokens**2, out=out[b0:b0 + chunk])
+        for own, buf in grads:
+            sign = 1.0 - 2.0 * own
+            # (S_h − S_y)X̂ = ½ Z·[ΔᵀX̂; XᵀX̂] = ¼ Z·[ΔᵀX ± ΔᵀΔ; XᵀX ± XᵀΔ]
+            product = torch.cat((torch.add(dx, dd, alpha=sign), torch.add(xx, xd, alpha=sign)), 1)
+            # A bf16 product is rounded by 2^-9 before the normaliser's projection removes most of G: at
+            # small D (launch-bound anyway) multiply by the fp32 product (bf16 fuzz: 1.1e-2 -> < 1e-2).
+            exact = dim <= SMALL_DIM or z.dtype == torch.float32
+            g = torch.bmm(zc.float(), product) if exact else _bmm_f32(zc, product.to(z.dtype))
+            del product
+            manifold_fwd_gram_grad_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), zc.shape[0])](
+                g_ptr=g, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf, n_tokens=n_tokens, dim=dim, batch=batch,
+                b0=b0, own=own, coef=sign / n_tokens**2, stride_zb=z.stride(0), stride_zn=z.stride(1),
+                stride_ob=buf.stride(0), stride_on=buf.stride(1), RTNE=_rtne(buf), BLOCK_T=cfg.vec_block_t,
+                BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+            del g
 
 
 def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
@@ -559,77 +589,115 @@ def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> tor
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     start_r, k_rows = interp.adjoint_start_table(grid[0], target_grid[0], like.device)
     start_c, k_cols = interp.adjoint_start_table(grid[1], target_grid[1], like.device)
-    cfg = _Config.current()
-    _adjoint_kernel[(triton.cdiv(n_src, cfg.vec_block_t), batch)](
-        grad_t, out, start_r, start_c, n_src, dim, target_grid[0], target_grid[1], grid[0], grid[1],
-        interp.axis_scale(grid[0], target_grid[0]), interp.axis_scale(grid[1], target_grid[1]),
-        k_rows, k_cols, grad_t.stride(0), grad_t.stride(1), out.stride(0), out.stride(1),
-        BLOCK_S=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+    cfg = Tiles.current()
+    manifold_grad_adjoint_kernel[(triton.cdiv(n_src, cfg.vec_block_t), batch)](
+        g_ptr=grad_t, out_ptr=out, start_r_ptr=start_r, start_c_ptr=start_c, n_src=n_src, dim=dim,
+        height_t=target_grid[0], width_t=target_grid[1], height_s=grid[0], width_s=grid[1],
+        scale_h=interp.axis_scale(grid[0], target_grid[0]), scale_w=interp.axis_scale(grid[1], target_grid[1]),
+        k_rows=k_rows, k_cols=k_cols, stride_gb=grad_t.stride(0), stride_gn=grad_t.stride(1),
+        stride_ob=out.stride(0), stride_on=out.stride(1), RTNE=_rtne(out), BLOCK_S=cfg.vec_block_t,
+        BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
     return out
 
 
 def _target_buffer(x: torch.Tensor, grid, target_grid) -> torch.Tensor:
-    """Where the kernels write x's gradient: x's own gradient when no resampling follows."""
+    """Where the kernels write x's target-grid gradient: x's own gradient when no resampling follows;
+    fp32 before a resampling of fp16 (the adjoint sums up to 4·k taps, which the unscaled fp16 range
+    may not hold on the way)."""
     if tuple(grid) == tuple(target_grid):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return torch.empty(x.shape[0], target_grid[0] * target_grid[1], x.shape[2], dtype=x.dtype,
-                       device=x.device)
-
-
-def _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
-    """grad: the op's (T, B) upstream gradient (urepa: cosine row, then manifold row)."""
-    prep = _prepare(h, y, h_grid, y_grid, target_grid)
-    _, n_tokens, dim = prep.shape
-    grad = grad.float().contiguous()
-    out_h = _target_buffer(h, h_grid, target_grid) if needs_h else None
-    out_y = _target_buffer(y, y_grid, target_grid) if needs_y else None
-    if choose_algorithm(n_tokens, dim, backward=True) == "gram":
-        _gram_backward(prep, grad, out_h, out_y)
-    else:
-        _tiled_backward(prep, grad, out_h, out_y)
-    del prep  # Z and the scratch go before the resampled gradients are allocated (peak memory)
-    if needs_h and tuple(h_grid) != tuple(target_grid):
-        out_h = _adjoint(out_h, h, h_grid, target_grid)
-    if needs_y and tuple(y_grid) != tuple(target_grid):
-        out_y = _adjoint(out_y, y, y_grid, target_grid)
-    return out_h, out_y
-
-
-# --------------------------------------------------------------------------------------------------
-# The op implementations (ops._triton_implementations). float64 has no tensor-core dot: it is refused
-# here, as by the cosine kernel; backend="auto" sends float64 to the reference.
+    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    return torch.empty(x.shape[0], target_grid[0] * target_grid[1], x.shape[2], dtype=dtype, device=x.device)
 
 
 def _check_dtypes(h, y) -> None:
+    # float64 has no tensor-core dot: refused here, as by the cosine kernel (backend="auto" sends float64
+    # to the reference).
     for name, x in (("h", h), ("y", y)):
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if x.dtype not in SUPPORTED:
             raise TypeError(f"the triton backend takes {name} as float32, bfloat16 or float16, got {x.dtype}; "
                             f"use backend='reference' for float64")
 
 
-def manifold_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
-    """(1, B) fp32: (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² per image. h: (B, N_h, D), y: (B, N_y, D)."""
+def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=False, algorithm="auto"):
+    """(loss (B,) fp32, stats (N_STATS, B, N) fp32, ∂/∂h | None, ∂/∂y | None) of the per-image manifold
+    loss (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)², gradients in the inputs' dtypes and shapes (row b: image b's
+    own gradient). h: (B, N_h, D) on h_grid, y: (B, N_y, D) on y_grid, both resampled to target_grid.
+    ``algorithm``: "auto" (cost model), "tiled" or "gram"."""
     _check_dtypes(h, y)
-    out = torch.empty(1, h.shape[0], dtype=torch.float32, device=h.device)
-    manifold_values(_prepare(h, y, h_grid, y_grid, target_grid), out[0])
+    _, _, dim = h.shape
+    n_tokens = target_grid[0] * target_grid[1]
+    wanted = [(0, h, h_grid)] if needs_h else []
+    wanted += [(1, y, y_grid)] if needs_y else []
+    choice = choose_algorithm(n_tokens, dim, len(wanted), algorithm)
+    prep = _prepare(h, y, h_grid, y_grid, target_grid, sum_diff=choice == "gram")
+    loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    buffers = [(own, _target_buffer(x, grid, target_grid)) for own, x, grid in wanted]
+    if choice == "gram":
+        _gram_loss_and_grads(prep, loss, buffers)
+    elif buffers:
+        _tiled_loss_and_grads(prep, loss, buffers)
+    else:
+        _tiled_loss(prep, loss)
+    stats = prep.stats
+    del prep  # Z goes before the resampled gradients are allocated (peak memory)
+    parts = [None, None]
+    for (own, x, grid), (_, buf) in zip(wanted, buffers):
+        parts[own] = buf if tuple(grid) == tuple(target_grid) else _adjoint(buf, x, grid, target_grid)
+    return loss, stats, parts[0], parts[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The op implementations (ops._triton_implementations, OpImpl.grad_in_forward).
+
+
+def manifold_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_y=False, algorithm="auto"):
+    """((1, B) fp32 manifold losses, None, ∂(Σ_b L_b)/∂h | None, ∂/∂y | None)."""
+    loss, _, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm)
+    return loss.unsqueeze(0), None, part_h, part_y
+
+
+def _scale_into(out: torch.Tensor, part: torch.Tensor, grad_row: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """out[b] (+)= grad_row[b]·part[b], in one pass; the part stays as saved, so a second backward
+    (retain_graph=True) sees it unchanged."""
+    cfg = Tiles.current()
+    per_image = part[0].numel()
+    manifold_bwd_scale_kernel[(triton.cdiv(per_image, cfg.scale_block), part.shape[0])](
+        part_ptr=part, grad_ptr=grad_row, out_ptr=out, per_image=per_image, grad_stride=grad_row.stride(0),
+        ACCUMULATE=accumulate, BLOCK=cfg.scale_block, RTNE=_rtne(out), num_warps=4)
     return out
 
 
-def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
-    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b], in the inputs' dtypes and shapes."""
-    return _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *, parts):
+    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b]: the forward's gradients, scaled."""
+    row = grad[0].float()
+    return tuple(_scale_into(torch.empty_like(part), part, row, False) if needs else None
+                 for part, needs in zip(parts, (needs_h, needs_y)))
 
 
-def urepa_forward(h, y, h_grid, y_grid, target_grid) -> torch.Tensor:
-    """(2, B) fp32: row 0 −(1/N) Σ_n ĥ_n·ŷ_n, row 1 the manifold loss, from one pre-pass."""
-    _check_dtypes(h, y)
-    prep = _prepare(h, y, h_grid, y_grid, target_grid)
+def urepa_saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
+    """The cosine term's per-token scalars, (3, B, N): kernels/cosine.py's saved tensor."""
+    return (3, h.shape[0], target_grid[0] * target_grid[1])
+
+
+def urepa_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_y=False, algorithm="auto"):
+    """((2, B) fp32: row 0 −(1/N) Σ_n ĥ_n·ŷ_n, row 1 the manifold loss; the cosine scalars (3, B, N);
+    the manifold term's gradients), from one pre-pass."""
+    loss, stats, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm)
     out = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
-    torch.sum(prep.stats[:, 2], 1, out=out[0]).mul_(-1.0 / prep.shape[1])
-    manifold_values(prep, out[1])
-    return out
+    torch.sum(stats[COS], 1, out=out[0]).mul_(-1.0 / stats.shape[2])
+    out[1].copy_(loss)
+    return out, stats[:3], part_h, part_y
 
 
-def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
-    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b]."""
-    return _backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y)
+def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *, saved, parts):
+    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b]: the cosine term by
+    kernels/cosine.py's backward from the pre-pass's scalars, plus the forward's manifold gradients."""
+    from . import cosine
+
+    grad = grad.float().contiguous()
+    grad_h, grad_y = cosine.backward(grad[:1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y, saved=saved)
+    for out, part in ((grad_h, parts[0]), (grad_y, parts[1])):
+        if out is not None:
+            _scale_into(out, part, grad[1], True)
+    return grad_h, grad_y

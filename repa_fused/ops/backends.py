@@ -38,8 +38,10 @@ def _triton_implementations() -> dict[str, Union[OpImpl, tuple]]:
     from ..kernels import cosine, manifold
 
     return {"cosine": OpImpl(cosine.forward, cosine.backward, cosine.saved_shape, fused_mean=True),
-            "manifold": (manifold.manifold_forward, manifold.manifold_backward),
-            "urepa": (manifold.urepa_forward, manifold.urepa_backward)}
+            "manifold": OpImpl(manifold.manifold_forward, manifold.manifold_backward, grad_in_forward=True,
+                               backward_reads_inputs=False),
+            "urepa": OpImpl(manifold.urepa_forward, manifold.urepa_backward, manifold.urepa_saved_shape,
+                            grad_in_forward=True)}
 
 
 def _triton_available(device: torch.device) -> bool:

@@ -34,6 +34,11 @@ ForwardImpl = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor
 #     -> (grad_h | None, grad_y | None); ``saved=`` is passed only to a backend whose forward returns it,
 #     ``mean=True`` (with a (T, 1) grad) only to an OpImpl with fused_mean.
 BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+# grad_in_forward (loss kernels that make the gradient with the loss, as fused loss kernels do):
+#   forward(h, y, h_grid, y_grid, target_grid, needs_h=, needs_y=) -> (losses, saved | None, part_h | None,
+#       part_y | None), part_x = ∂(Σ_b loss[T−1, b])/∂x (x's shape and dtype; image b's rows are image b's
+#       own gradient) when needs_x; the backward then gets ``parts=(part_h, part_y)`` and scales them by
+#   the upstream gradient (and adds what the other terms need).
 # saved_shape(h, y, h_grid, y_grid, target_grid) -> shape of ``saved`` (for the fake implementation);
 # None for a backend that saves nothing.
 
@@ -50,17 +55,34 @@ class OpImpl:
     backward: BackwardImpl
     saved_shape: Optional[Callable[..., tuple[int, ...]]] = None
     fused_mean: bool = False
+    grad_in_forward: bool = False
+    # With grad_in_forward: whether the backward still reads h and y (False: only the parts).
+    backward_reads_inputs: bool = True
 
 
 def _stash(ctx, *tensors) -> None:
     """Save tensors for backward. Inference tensors (an encoder run under torch.inference_mode) cannot
-    be saved; they cannot change in place outside inference mode either, so a reference suffices."""
-    ctx.inference = [t if t is not None and t.is_inference() else None for t in tensors]
+    be saved and have no version counter, yet another inference_mode block may change them in place
+    before the backward: a copy keeps the backward on the forward's values."""
+    ctx.inference = [t.clone() if t is not None and t.is_inference() else None for t in tensors]
     ctx.save_for_backward(*[None if kept is not None else t for t, kept in zip(tensors, ctx.inference)])
 
 
 def _unstash(ctx) -> list:
     return [kept if kept is not None else t for t, kept in zip(ctx.saved_tensors, ctx.inference)]
+
+
+def _refuse_double_backward(name: str) -> None:
+    """The backward kernels build no graph: under create_graph=True a gradient penalty would silently
+    add 0, so say so instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported by the fused "
+                           f"backends; use backend='reference' outside the op, e.g. repa_fused.reference")
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """A custom op returns tensors only: an empty one stands for "none"."""
+    return like.new_empty(0)
 
 
 def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) -> Callable:
@@ -76,21 +98,28 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
         shape_of = implementation().saved_shape
         return shape_of(h, y, *grids) if shape_of is not None else None
 
-    def run_forward(h, y, h_grid, y_grid, target_grid, mean):
-        """(losses, saved or None) whatever the backend's forward returns."""
+    def run_forward(h, y, h_grid, y_grid, target_grid, mean, needs_h=False, needs_y=False):
+        """(losses, saved or None, (part_h, part_y)) whatever the backend's forward returns."""
         impl = implementation()
-        if mean and impl.fused_mean:
-            result = impl.forward(h, y, h_grid, y_grid, target_grid, mean=True)
+        parts = (None, None)
+        if impl.grad_in_forward:
+            losses, saved, *parts = impl.forward(h, y, h_grid, y_grid, target_grid, needs_h=needs_h,
+                                                 needs_y=needs_y)
         else:
-            result = impl.forward(h, y, h_grid, y_grid, target_grid)
-        losses, saved = result if isinstance(result, tuple) else (result, None)
+            if mean and impl.fused_mean:
+                result = impl.forward(h, y, h_grid, y_grid, target_grid, mean=True)
+            else:
+                result = impl.forward(h, y, h_grid, y_grid, target_grid)
+            losses, saved = result if isinstance(result, tuple) else (result, None)
         if mean and not impl.fused_mean:
             losses = losses.mean(1, keepdim=True)
-        return losses, saved
+        return losses, saved, tuple(parts)
 
-    def run_backward(grad, h, y, grids, needs_h, needs_y, saved, mean):
+    def run_backward(grad, h, y, grids, needs_h, needs_y, saved, mean, parts=(None, None)):
         impl = implementation()
         kwargs = {} if saved is None else {"saved": saved}
+        if impl.grad_in_forward:
+            kwargs["parts"] = parts
         if mean and impl.fused_mean:
             kwargs["mean"] = True
         elif mean:  # the backward of the mean, as autograd takes it: (T, 1) -> (T, B) / B
@@ -99,69 +128,93 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
 
     @torch.library.custom_op(name, mutates_args=())
     def forward_op(h: torch.Tensor, y: torch.Tensor, h_grid: list[int], y_grid: list[int],
-                   target_grid: list[int], mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, saved = run_forward(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid), mean)
-        # A custom op returns tensors only: an empty one stands for "nothing saved".
-        return losses, (saved if saved is not None else h.new_empty(NOTHING_SAVED, dtype=torch.float32))
+                   target_grid: list[int], mean: bool = False, needs_h: bool = False,
+                   needs_y: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        losses, saved, (part_h, part_y) = run_forward(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid),
+                                                      mean, needs_h, needs_y)
+        # A custom op returns tensors only: an empty one stands for "nothing saved" / "no part".
+        return (losses, (saved if saved is not None else h.new_empty(NOTHING_SAVED, dtype=torch.float32)),
+                part_h if part_h is not None else _empty(h), part_y if part_y is not None else _empty(y))
 
     @forward_op.register_fake
-    def _(h, y, h_grid, y_grid, target_grid, mean=False):
+    def _(h, y, h_grid, y_grid, target_grid, mean=False, needs_h=False, needs_y=False):
         shape = saved_shape(h, y, tuple(h_grid), tuple(y_grid), tuple(target_grid))
+        in_forward = implementation().grad_in_forward
         return (h.new_empty((terms, 1 if mean else h.shape[0]), dtype=reference.compute_dtype(h, y)),
-                h.new_empty(shape if shape is not None else NOTHING_SAVED, dtype=torch.float32))
+                h.new_empty(shape if shape is not None else NOTHING_SAVED, dtype=torch.float32),
+                torch.empty_like(h, memory_format=torch.contiguous_format) if in_forward and needs_h else _empty(h),
+                torch.empty_like(y, memory_format=torch.contiguous_format) if in_forward and needs_y else _empty(y))
 
     @torch.library.custom_op(name + "_backward", mutates_args=())
     def backward_op(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, saved: torch.Tensor,
-                    h_grid: list[int], y_grid: list[int], target_grid: list[int], needs_h: bool,
-                    needs_y: bool, mean: bool = False) -> list[torch.Tensor]:
+                    part_h: torch.Tensor, part_y: torch.Tensor, h_grid: list[int], y_grid: list[int],
+                    target_grid: list[int], needs_h: bool, needs_y: bool, mean: bool = False) -> list[torch.Tensor]:
         grids = (tuple(h_grid), tuple(y_grid), tuple(target_grid))
         has_saved = saved_shape(h, y, *grids) is not None
-        grad_h, grad_y = run_backward(grad, h, y, grids, needs_h, needs_y, saved if has_saved else None, mean)
+        parts = (part_h if needs_h else None, part_y if needs_y else None)
+        grad_h, grad_y = run_backward(grad, h, y, grids, needs_h, needs_y, saved if has_saved else None, mean,
+                                      parts)
         # A custom op cannot return None: an empty tensor stands for "no gradient". Contiguous, as the
         # fake implementation declares (compiled graphs rely on the strides).
         return [grad_h.contiguous() if needs_h else h.new_empty(0),
                 grad_y.contiguous() if needs_y else y.new_empty(0)]
 
     @backward_op.register_fake
-    def _(grad, h, y, saved, h_grid, y_grid, target_grid, needs_h, needs_y, mean=False):
+    def _(grad, h, y, saved, part_h, part_y, h_grid, y_grid, target_grid, needs_h, needs_y, mean=False):
         return [torch.empty_like(h, memory_format=torch.contiguous_format) if needs_h else h.new_empty(0),
                 torch.empty_like(y, memory_format=torch.contiguous_format) if needs_y else y.new_empty(0)]
 
+    def stash_inputs(ctx, h, y, saved, parts) -> None:
+        """A backward that reads only the parts needs no copy of an inference input (which never needs
+        a gradient itself): an empty stand-in takes its place."""
+        impl = implementation()
+        if impl.grad_in_forward and not impl.backward_reads_inputs:
+            h, y = (_empty(x) if x.is_inference() else x for x in (h, y))
+        _stash(ctx, h, y, saved, *parts)
+
     def setup_context(ctx, inputs, output):
-        h, y, h_grid, y_grid, target_grid, mean = inputs
-        _stash(ctx, h, y, output[1])
+        h, y, h_grid, y_grid, target_grid, mean, _needs_h, _needs_y = inputs
+        stash_inputs(ctx, h, y, output[1], output[2:])
         ctx.grids = (h_grid, y_grid, target_grid)
         ctx.mean = mean
 
-    def backward_rule(ctx, grad, _grad_saved):
-        h, y, saved = _unstash(ctx)
+    def backward_rule(ctx, grad, *_grad_rest):
+        _refuse_double_backward(name)
+        h, y, saved, part_h, part_y = _unstash(ctx)
         needs_h, needs_y = ctx.needs_input_grad[:2]
-        grad_h, grad_y = backward_op(grad.contiguous(), h, y, saved, *ctx.grids, needs_h, needs_y, ctx.mean)
-        return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None, None)
+        grad_h, grad_y = backward_op(grad.contiguous(), h, y, saved, part_h, part_y, *ctx.grids, needs_h,
+                                     needs_y, ctx.mean)
+        return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None, None, None, None)
 
     forward_op.register_autograd(backward_rule, setup_context=setup_context)
 
     class EagerFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, y, h_grid, y_grid, target_grid, mean):
-            losses, saved = run_forward(h, y, h_grid, y_grid, target_grid, mean)
-            _stash(ctx, h, y, saved)
+            needs_h, needs_y = ctx.needs_input_grad[:2]
+            losses, saved, parts = run_forward(h, y, h_grid, y_grid, target_grid, mean, needs_h, needs_y)
+            stash_inputs(ctx, h, y, saved, parts)
             ctx.grids = (h_grid, y_grid, target_grid)
             ctx.mean = mean
             return losses
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, grad):
-            h, y, saved = _unstash(ctx)
-            needs_h, needs_y = ctx.needs_input_grad[:2]
-            grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved, ctx.mean)
+            # The check comes before no_grad (once_differentiable would hide create_graph from it).
+            _refuse_double_backward(name)
+            with torch.no_grad():
+                h, y, saved, part_h, part_y = _unstash(ctx)
+                needs_h, needs_y = ctx.needs_input_grad[:2]
+                grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved,
+                                              ctx.mean, (part_h, part_y))
             return grad_h, grad_y, None, None, None, None
 
     def call(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean: bool = False) -> torch.Tensor:
         h_grid, y_grid, target_grid = tuple(h_grid), tuple(y_grid), tuple(target_grid)
         if torch.compiler.is_compiling():
-            return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid), mean)[0]
+            grad_on = torch.is_grad_enabled()
+            return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid), mean,
+                              grad_on and h.requires_grad, grad_on and y.requires_grad)[0]
         return EagerFunction.apply(h, y, h_grid, y_grid, target_grid, mean)
 
     call.custom_op = forward_op

@@ -1,8 +1,10 @@
 """Benchmark cases and harness shared by ``repa-fused bench`` and ``bench/`` (pytest-benchmark).
 
 Every case is timed forward+backward (gradient to ``h``; ``y`` frozen, as an encoder's output is) for:
-``eager`` (the reference with PyTorch autograd), ``compile`` (``torch.compile`` of that same eager code)
-and each fused backend available on the device, side by side in one run, median of repeated runs.
+``eager`` (the loss as a trainer writes it, in the inputs' dtype: F.interpolate, F.normalize, torch.bmm),
+``compile`` (``torch.compile`` of that same code), ``reference_fp32`` (the fp32 reference with PyTorch's
+autograd, a labelled third row) and each fused backend available on the device, side by side in one
+run, median of repeated runs. Speedups are against the first two.
 
 Two times per variant: "fwd+bwd ms", one synchronised call timed with events, host work (Python,
 autograd, launches) included; and, on a GPU, "GPU ms", the same call captured ten times in a CUDA graph
@@ -55,7 +57,7 @@ MANIFOLD_WEIGHT = 3.0  # U-REPA's default weight, in every variant of a "urepa" 
 
 
 def eager_loss(case: Case) -> Callable:
-    """The reference math with PyTorch's own autograd: what a trainer without this library runs."""
+    """The reference math (fp32 whatever the inputs) with PyTorch's own autograd: the "reference_fp32" row."""
     grids = (case.h_grid, case.y_grid, case.target_grid)
 
     def loss(h, y):
@@ -64,6 +66,32 @@ def eager_loss(case: Case) -> Callable:
             return terms[0] + MANIFOLD_WEIGHT * terms[1]
         fn = reference.cosine_alignment if case.loss == "cosine" else reference.manifold
         return fn(h, y, *grids).mean()
+
+    return loss
+
+
+def trainer_loss(case: Case) -> Callable:
+    """The loss as a trainer without this library writes it, in the inputs' dtype (what runs under bf16
+    autocast): F.interpolate, F.normalize and torch.bmm on the bf16 tensors themselves."""
+    import torch.nn.functional as F
+
+    target = case.target_grid
+
+    def on_target(x, grid):
+        if tuple(grid) == tuple(target):
+            return x
+        batch, _, dim = x.shape
+        image = x.transpose(1, 2).reshape(batch, dim, *grid)
+        return F.interpolate(image, size=target, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+    def loss(h, y):
+        h_hat = F.normalize(on_target(h, case.h_grid), dim=-1)
+        y_hat = F.normalize(on_target(y, case.y_grid), dim=-1)
+        cosine = -(h_hat * y_hat).sum(-1).mean()
+        if case.loss == "cosine":
+            return cosine
+        manifold = (torch.bmm(h_hat, h_hat.mT) - torch.bmm(y_hat, y_hat.mT)).square().mean()
+        return manifold if case.loss == "manifold" else cosine + MANIFOLD_WEIGHT * manifold
 
     return loss
 
@@ -78,10 +106,15 @@ def backend_loss(case: Case, backend: str) -> Callable:
 
 
 def variants(case: Case, device: torch.device, backends: Optional[list[str]] = None,
-             with_compile: bool = True) -> dict[str, Callable]:
-    out = {"eager": eager_loss(case)}
+             with_compile: bool = True, with_reference: bool = True) -> dict[str, Callable]:
+    """The honest baselines first: ``eager`` and ``compile`` in the inputs' dtype (trainer_loss), then
+    ``reference_fp32`` (this library's fp32 reference with PyTorch's autograd, labelled as such), then
+    the fused backends. Speedups are taken against the first two."""
+    out = {"eager": trainer_loss(case)}
     if with_compile:
-        out["compile"] = torch.compile(eager_loss(case), dynamic=False)
+        out["compile"] = torch.compile(trainer_loss(case), dynamic=False)
+    if with_reference:
+        out["reference_fp32"] = eager_loss(case)
     for name in dispatch.available_backends(device):
         if name != "reference" and (backends is None or name in backends):
             out[name] = backend_loss(case, name)
@@ -239,10 +272,11 @@ def environment(device: torch.device) -> dict:
 
 
 def run_case(case: Case, device: torch.device, reps: int, backends: Optional[list[str]] = None,
-             with_compile: bool = True, dtype=torch.bfloat16, ceilings: Optional[dict] = None) -> list[dict]:
+             with_compile: bool = True, dtype=torch.bfloat16, ceilings: Optional[dict] = None,
+             with_reference: bool = True) -> list[dict]:
     h, y = make_inputs(case, device, dtype)
     rows = []
-    for variant, loss in variants(case, device, backends, with_compile).items():
+    for variant, loss in variants(case, device, backends, with_compile, with_reference).items():
         def step():
             h.grad = None
             loss(h, y).backward()

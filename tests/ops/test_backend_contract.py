@@ -94,8 +94,8 @@ def test_opcheck(backend, op):
     h, y = CASE.inputs(seed=5)
     grids = [list(g) for g in CASE.grids()]
     custom = dispatch.BACKENDS[backend].ops[op].custom_op
-    for mean in (False, True):  # per sample (T, B), and the batch means (T, 1)
-        torch.library.opcheck(custom, (h.requires_grad_(True), y.requires_grad_(True), *grids, mean))
+    for mean in (False, True):  # per sample (T, B), and the batch means (T, 1); both inputs need a gradient
+        torch.library.opcheck(custom, (h.requires_grad_(True), y.requires_grad_(True), *grids, mean, True, True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

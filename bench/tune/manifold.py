@@ -1,0 +1,66 @@
+"""Stage split of the one-pass manifold / U-REPA kernels on a GPU (bf16; analysis in the issue-15 note).
+
+python -m bench.tune.manifold [--cases sdxl_y sdxl_min hires_manifold sd15_min]
+  per case: fwd+bwd of the public loss with algorithm auto / tiled / gram (do_bench median), and the
+  stages of the forward with the gradient: pre-pass, loss+gradient (each algorithm), adjoint, and the
+  cosine backward that U-REPA adds; TFLOP/s of each algorithm's work against the measured bf16 matmul.
+"""
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+from repa_fused.tools import bench as benchmarks
+from repa_fused.kernels import cosine
+from repa_fused.kernels import manifold as M
+
+
+def ms(fn):
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def split(case, rate):
+    h, y = benchmarks.make_inputs(case, "cuda")
+    h = h.detach()
+    grids = (case.h_grid, case.y_grid, case.target_grid)
+    n, d, b = case.target_grid[0] * case.target_grid[1], case.dim, case.batch
+    print(f"{case.name}: B={b} N={n} D={d} auto={M.choose_algorithm(n, d, grads=1)}")
+    for algorithm in ("tiled", "gram"):
+        work = M.algorithm_costs(n, d, grads=1)[algorithm] * b
+        t = ms(lambda: M.urepa_forward(h, y, *grids, needs_h=True, algorithm=algorithm))
+        print(f"  forward+gradient {algorithm:5}: {t:.3f} ms ({work / t / 1e9:.0f} TFLOP/s, "
+              f"{100 * work / t / 1e9 / rate:.0f}% of mm)")
+        sum_diff = algorithm == "gram"
+        print(f"    pre-pass: {ms(lambda: M._prepare(h, y, *grids, sum_diff)):.3f} ms")
+        prep = M._prepare(h, y, *grids, sum_diff)
+        loss = torch.empty(b, device="cuda")
+        buf = M._target_buffer(h, case.h_grid, case.target_grid)
+        core = M._gram_loss_and_grads if sum_diff else M._tiled_loss_and_grads
+        print(f"    loss+grad core: {ms(lambda: core(prep, loss, [(0, buf)])):.3f} ms")
+        if not sum_diff:
+            print(f"    loss only (symmetric tiles): {ms(lambda: M._tiled_loss(prep, loss)):.3f} ms")
+        if tuple(case.h_grid) != tuple(case.target_grid):
+            print(f"    adjoint: {ms(lambda: M._adjoint(buf, h, case.h_grid, case.target_grid)):.3f} ms")
+        del prep, buf
+    _, saved, part_h, _ = M.urepa_forward(h, y, *grids, needs_h=True)
+    grad = torch.ones(2, b, device="cuda")
+    print(f"  urepa backward (cosine + scaled part): "
+          f"{ms(lambda: M.urepa_backward(grad, h, y, *grids, True, False, saved=saved, parts=(part_h, None))):.3f} ms")
+    print(f"    of which cosine backward: "
+          f"{ms(lambda: cosine.backward(grad[:1], h, y, *grids, True, False, saved=saved)):.3f} ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["sdxl_y", "sdxl_min", "hires_manifold", "sd15_min"])
+    args = parser.parse_args()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    rate = 2 * 8192**3 / ms(lambda: a @ a) / 1e9
+    print(f"{torch.cuda.get_device_name()}: bf16 matmul {rate:.0f} TFLOP/s")
+    for name in args.cases:
+        split(benchmarks.CASES_BY_NAME[name], rate)
+
+
+if __name__ == "__main__":
+    main()
