@@ -156,6 +156,7 @@ class Capture:
         self._grad = False       # grad mode of that model forward
         self._inputs: dict = {}  # the model forward's arguments the grid and the image span depend on
         self._raw: Optional[torch.Tensor] = None
+        self._raw_grad = False   # whether _raw came from a grad-enabled forward (it carries a graph)
         self._handles = [
             model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
             module.register_forward_hook(self._on_block_output),
@@ -183,7 +184,12 @@ class Capture:
                 "checkpointing (use_reentrant=True) hides the block's graph from the capture hook. Use "
                 "non-reentrant checkpointing (diffusers' default, torch.utils.checkpoint(..., use_reentrant=False)).")
         self._armed = False
+        if self._raw_grad and not self._grad:
+            # A no_grad forward (a validation pass, a teacher or prior forward of the same model) between the
+            # training forward and the loss: keeping the training capture keeps the regularizer's gradient.
+            return
         self._raw = output[self._family.image_in_tuple] if isinstance(output, (tuple, list)) else output
+        self._raw_grad = self._grad
 
     # -- public -------------------------------------------------------------------------------------------
 
@@ -203,15 +209,17 @@ class Capture:
 
     def clear(self) -> None:
         """Drop the stored hidden state (and its graph) without using it."""
-        self._raw = None
+        self._raw, self._raw_grad = None, False
 
     def pop(self) -> tuple[torch.Tensor, Grid]:
         """(tokens (B, N, C), grid (H, W)) of the last forward's image stream; the store is emptied.
 
-        Every forward stores (the latest wins), ``no_grad`` ones too: their tokens carry no graph, which
-        suits validation metrics. Pop once per training forward, after it and before ``backward``.
+        Every forward stores (the latest wins), ``no_grad`` ones too (their tokens carry no graph, which
+        suits validation metrics), except that a ``no_grad`` forward never replaces a capture from a
+        grad-enabled one that was not popped yet: the training forward's tokens are what the loss needs.
+        Pop once per training forward, after it and before ``backward``.
         """
-        raw, self._raw = self._raw, None
+        raw, self._raw, self._raw_grad = self._raw, None, False
         if raw is None:
             raise RuntimeError(
                 f"nothing captured at {self.block_name}: run the model forward (with this capture attached) "
@@ -231,7 +239,7 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._raw = None
+        self.clear()
         self._inputs = {}
 
     def __repr__(self) -> str:

@@ -204,15 +204,22 @@ def known_keys() -> list[str]:
 def _read(source) -> dict:
     if isinstance(source, Mapping):
         return dict(source)
+    if isinstance(source, argparse.Namespace):  # a trainer's parsed flags; unset ones are None
+        return vars(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"config file {path!r} is a directory: pass the JSON or TOML file in it")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
         with open(path, "rb") as fh:
             if path.endswith(".toml"):
                 import tomllib
 
-                data = tomllib.load(fh)
+                try:
+                    data = tomllib.load(fh)
+                except tomllib.TOMLDecodeError as e:
+                    raise ValueError(f"config file {path!r} is not valid TOML: {e}") from None
             else:
                 try:
                     data = json.load(fh)
@@ -221,11 +228,14 @@ def _read(source) -> dict:
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r} must hold a JSON object, got {type(data).__name__}")
         return data
-    raise TypeError(f"config must be a dict or a path to a JSON/TOML file, got {type(source).__name__}")
+    raise TypeError(f"config must be a dict, an argparse Namespace or a path to a JSON/TOML file, got "
+                    f"{type(source).__name__}")
 
 
-def load_config(source: Union[Mapping[str, Any], str, os.PathLike, Config, None] = None) -> Config:
-    """``Config(repa, urepa)`` from a dict, a JSON/TOML path or a Config; unset keys get SimpleTuner's defaults.
+def load_config(source: Union[Mapping[str, Any], str, os.PathLike, argparse.Namespace, Config, None] = None
+                ) -> Config:
+    """``Config(repa, urepa)`` from a dict, a JSON/TOML path, an argparse Namespace (flags left at None are
+    unset) or a Config; unset keys get SimpleTuner's defaults.
 
     Raises ValueError for an unknown ``crepa_``/``urepa_`` key (naming the nearest valid one) or a value out
     of range, TypeError for a value of the wrong type; both name the key.
@@ -236,7 +246,12 @@ def load_config(source: Union[Mapping[str, Any], str, os.PathLike, Config, None]
     given: dict[str, Any] = {}
     for name, value in raw.items():
         key = name.lstrip("-") if isinstance(name, str) else name
-        if not isinstance(key, str) or not key.startswith(PREFIXES):
+        if not isinstance(key, str):
+            continue
+        if not key.startswith(PREFIXES):
+            if key.lower().replace("-", "_").startswith(PREFIXES):
+                raise ValueError(f"config key {name!r} is spelled {key.lower().replace('-', '_')!r} here: keys "
+                                 "are lower case with underscores (a dash or capital would leave it unread)")
             continue  # other trainer settings share the file
         if value is None:
             continue

@@ -10,9 +10,11 @@
                          ("recoverable"), or from the first step it is ("permanent")
 
 The EMA starts at the first similarity observed, then ema ← d·ema + (1 − d)·similarity, and is updated
-before the step's cutoff is decided (as SimpleTuner). It lives on the device, so the threshold never
-forces a host sync: the gate it gives is a tensor. The host learns of a permanent cutoff through a
-non-blocking copy, a step or so later, and from then on the regularizer skips its work entirely.
+before the step's cutoff is decided (as SimpleTuner). Under data parallelism the regularizer passes the
+similarity averaged over the ranks, so every rank holds the same EMA, cutoff and λ. The EMA lives on the
+device, so the threshold never forces a host sync: the gate it gives is a tensor. The host learns of a
+permanent cutoff at the next call (a copy made without blocking, read then: on every rank at the same step,
+so all ranks stop their collective work together), and from then on the regularizer skips its work.
 """
 
 from __future__ import annotations
@@ -23,6 +25,37 @@ from typing import Optional
 import torch
 
 from .config import SCHEDULERS, THRESHOLD_MODES
+
+
+class DeferredRead:
+    """A small device tensor read on the host one call later, without stalling the device queue.
+
+    ``put(t)`` starts a non-blocking copy into pinned memory (CUDA) and records an event; ``take()`` returns
+    that copy (waiting on an event recorded a call ago: long finished by then) and forgets it. CPU tensors
+    need no copy: ``take()`` right after ``put()`` is free, which is how CPU callers read at once.
+    """
+
+    def __init__(self):
+        self._value: Optional[torch.Tensor] = None
+        self._event = None
+
+    def put(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        if tensor.device.type != "cuda":
+            self._value, self._event = tensor.clone(), None
+            return
+        buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        buf.copy_(tensor, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self._value = buf
+
+    def take(self) -> Optional[torch.Tensor]:
+        value, event = self._value, self._event
+        self._value = self._event = None
+        if event is not None:
+            event.synchronize()
+        return value
 
 
 class CoefficientSchedule:
@@ -38,16 +71,12 @@ class CoefficientSchedule:
         if threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"{prefix}threshold_mode must be one of {list(THRESHOLD_MODES)}, "
                              f"got {threshold_mode!r}")
-        if max_train_steps is not None and (isinstance(max_train_steps, bool) or not isinstance(max_train_steps, int)
-                                            or max_train_steps < 0):
-            raise ValueError(f"max_train_steps must be an int ≥ 0 or None, got {max_train_steps!r}")
-        if decay_steps == 0 and scheduler != "constant" and max_train_steps is None:
-            raise ValueError(f"{prefix}decay_steps=0 means 'decay until max_train_steps', which was not given: "
-                             f"pass max_train_steps or set {prefix}decay_steps")
+        self.prefix = prefix
         self.base = float(lambda_)
         self.scheduler = scheduler
         self.warmup_steps = warmup_steps
-        self.decay_steps = decay_steps if decay_steps > 0 else max_train_steps
+        self._decay_key = decay_steps
+        self._max_train_steps: Optional[int] = None
         self.lambda_end = float(lambda_end)
         self.power = float(power)
         self.cutoff_step = cutoff_step
@@ -57,7 +86,8 @@ class CoefficientSchedule:
         self._ema: Optional[torch.Tensor] = None        # EMA of the similarity, float32 scalar
         self._cut: Optional[torch.Tensor] = None        # similarity cutoff in force, bool scalar
         self._host_cut = False                          # what the host knows of _cut (permanent mode)
-        self._peek: Optional[tuple[torch.Tensor, torch.cuda.Event]] = None
+        self._peek = DeferredRead()                     # _cut on its way to the host
+        self.max_train_steps = max_train_steps
 
     @classmethod
     def from_config(cls, cfg, max_train_steps: Optional[int] = None) -> "CoefficientSchedule":
@@ -67,6 +97,30 @@ class CoefficientSchedule:
                    cutoff_step=cfg.cutoff_step, similarity_threshold=cfg.similarity_threshold,
                    similarity_ema_decay=cfg.similarity_ema_decay, threshold_mode=cfg.threshold_mode,
                    max_train_steps=max_train_steps, prefix=cfg.PREFIX)
+
+    @property
+    def max_train_steps(self) -> Optional[int]:
+        """The run's length: the end of a decay whose ``*_decay_steps`` is 0. Settable after building (diffusers'
+        scripts know it only after ``accelerator.prepare``), before the first :meth:`weight` that needs it."""
+        return self._max_train_steps
+
+    @max_train_steps.setter
+    def max_train_steps(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"max_train_steps must be an int ≥ 0 or None, got {value!r}")
+        self._max_train_steps = value
+        decay = self.decay_steps
+        if self.scheduler != "constant" and decay is not None and 0 < decay <= self.warmup_steps:
+            # The decay would end before (or as) the warmup does: λ would jump from the ramp to lambda_end.
+            source = f"{self.prefix}decay_steps" if self._decay_key > 0 else "max_train_steps"
+            raise ValueError(f"{self.prefix}warmup_steps={self.warmup_steps} ≥ {source}={decay}: the "
+                             f"{self.scheduler} decay would end before the warmup does (a cliff in λ); "
+                             f"{self.prefix}decay_steps counts from step 0, warmup included")
+
+    @property
+    def decay_steps(self) -> Optional[int]:
+        """The step at which the decay reaches lambda_end (None: unknown until max_train_steps is set)."""
+        return self._decay_key if self._decay_key > 0 else self._max_train_steps
 
     @property
     def tracks_similarity(self) -> bool:
@@ -80,6 +134,10 @@ class CoefficientSchedule:
             return self.base * step / self.warmup_steps
         if self.scheduler == "constant":
             return self.base
+        if self.decay_steps is None:
+            raise ValueError(f"{self.prefix}decay_steps=0 means 'decay until max_train_steps', which was not "
+                             f"given: set reg.max_train_steps (or pass max_train_steps= to build_regularizer) "
+                             f"before the first loss, or set {self.prefix}decay_steps")
         p = min((step - self.warmup_steps) / max(self.decay_steps - self.warmup_steps, 1), 1.0)
         if self.scheduler == "linear":
             return self.base + (self.lambda_end - self.base) * p
@@ -101,14 +159,11 @@ class CoefficientSchedule:
         return value
 
     def _host_knows_cutoff(self) -> bool:
-        """Whether a permanent similarity cutoff has reached the host (reads the latest finished copy of the
-        device flag; never waits)."""
-        if self._cut is None or self._host_cut:
-            return self._host_cut
-        if self._cut.device.type == "cpu":
-            self._host_cut = bool(self._cut)
-        elif self._peek is not None and self._peek[1].query():
-            self._host_cut = bool(self._peek[0])
+        """Whether a permanent similarity cutoff has reached the host: the flag of the previous
+        :meth:`observe`, read now (its copy has long finished), at the same step on every rank."""
+        seen = self._peek.take()
+        if seen is not None and bool(seen):
+            self._host_cut = True
         return self._host_cut
 
     def observe(self, similarity: torch.Tensor) -> Optional[torch.Tensor]:
@@ -125,12 +180,8 @@ class CoefficientSchedule:
         if self.permanent and self._cut is not None:
             over = over | self._cut.to(sim.device)
         self._cut = over
-        if over.device.type == "cuda":
-            buf = self._peek[0] if self._peek is not None else torch.empty((), dtype=torch.bool, pin_memory=True)
-            buf.copy_(over, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._peek = (buf, event)
+        if self.permanent:
+            self._peek.put(over)
         return (~over).float()
 
     @property
@@ -155,4 +206,4 @@ class CoefficientSchedule:
         self._ema = None if ema is None else torch.tensor(float(ema), dtype=torch.float32)
         self._cut = torch.tensor(cut)
         self._host_cut = cut
-        self._peek = None
+        self._peek = DeferredRead()

@@ -195,6 +195,24 @@ def test_pop_errors_and_lifecycle():
     assert not t.model.transformer_blocks[1]._forward_hooks
 
 
+def test_no_grad_forward_never_replaces_a_pending_grad_capture():
+    t = tiny("pixart")
+    cap = attach_capture(t.model, "dit", 1)
+    try:
+        t.model(**t.inputs(batch=1, seed=0))  # the training forward
+        with torch.no_grad():  # e.g. a validation or teacher forward of the same model before the loss
+            t.model(**t.inputs(batch=2, seed=1))
+        tokens, _ = cap.pop()
+        assert tokens.requires_grad and tokens.shape[0] == 1  # the training capture survived
+        with torch.no_grad():
+            t.model(**t.inputs(batch=2, seed=1))
+        t.model(**t.inputs(batch=1, seed=0))  # a grad forward does replace a no_grad capture
+        tokens, _ = cap.pop()
+        assert tokens.requires_grad and tokens.shape[0] == 1
+    finally:
+        cap.remove()
+
+
 def test_packed_grid_from_img_ids_and_override():
     t = tiny("flux")
     cap = attach_capture(t.model, "dit", 3)  # a single-stream block: text must be stripped

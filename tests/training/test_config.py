@@ -160,8 +160,27 @@ def test_bad_sources(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
         load_config(bad)
-    with pytest.raises(TypeError, match="config must be a dict or a path"):
+    with pytest.raises(TypeError, match="config must be a dict, an argparse Namespace or a path"):
         load_config(42)
+    with pytest.raises(IsADirectoryError, match="is a directory: pass the JSON or TOML file in it"):
+        load_config(tmp_path)
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("crepa_enabled = = true")
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        load_config(bad_toml)
+
+
+@pytest.mark.parametrize("key, spelled", [("crepa-lambda", "crepa_lambda"), ("CREPA_lambda", "crepa_lambda"),
+                                          ("--Urepa-Manifold-Weight", "urepa_manifold_weight")])
+def test_dashed_or_capitalised_keys_are_errors(key, spelled):
+    with pytest.raises(ValueError, match=f"config key '{key}' is spelled '{spelled}' here"):
+        load_config({key: 1.0})
+
+
+def test_namespace_is_a_config_source():
+    args = argparse.Namespace(urepa_enabled=True, urepa_lambda=None, urepa_align="y", learning_rate=1e-4)
+    cfg = load_config(args)
+    assert cfg.urepa.enabled and cfg.urepa.align == "y" and cfg.urepa.lambda_ == 0.5  # None = unset
 
 
 def test_argparse_round_trip():

@@ -1,6 +1,9 @@
 """REPA / U-REPA regularizers on tiny random diffusers models: training signal, wiring, every input path,
 the λ = 0 path, the feature cache, resume, remove, and every error build_regularizer and reg.loss raise."""
 
+import argparse
+import logging
+import os
 import sys
 import types
 
@@ -9,7 +12,7 @@ import torch
 from models import TINY_DIT, TINY_UNET, tiny_autoencoder_kl, tiny_autoencoder_tiny, tiny_dinov2
 
 import repa_fused as rf
-from repa_fused.training.regularizers import RepaRegularizer, URepaRegularizer, build_regularizer
+from repa_fused.training.regularizers import DisabledRegularizer, RepaRegularizer, URepaRegularizer, build_regularizer
 
 REPA = {"crepa_enabled": True, "crepa_block_index": 1}
 UREPA = {"urepa_enabled": True}
@@ -60,7 +63,7 @@ def test_steps_raise_similarity_and_move_projector(family, config, dinov2_dir):
     reg = build_regularizer(cfg, tiny.model, max_train_steps=100)
     assert reg.encoder is None
     before = [p.detach().clone() for p in reg.projector.parameters()]
-    opt = torch.optim.Adam(tiny.model.parameters(), lr=1e-2)  # the projector is among them
+    opt = torch.optim.Adam([*tiny.model.parameters(), *reg.parameters()], lr=1e-2)
     images, sims = pixels(), []
     for step in range(8):
         forward(tiny)
@@ -77,15 +80,16 @@ def test_steps_raise_similarity_and_move_projector(family, config, dinov2_dir):
 # -- wiring ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, config, attr", [("dit", REPA, "repa_projector"), ("sd15", UREPA, "urepa_projector")])
-def test_projector_registered_on_model(family, config, attr):
+@pytest.mark.parametrize("family, config, cls", [("dit", REPA, RepaRegularizer), ("sd15", UREPA, URepaRegularizer)])
+def test_projector_is_the_regularizers_own_and_the_model_stays_plain(family, config, cls):
     tiny = (TINY_DIT.get(family) or TINY_UNET[family])()
+    keys = set(tiny.model.state_dict())
     reg = build_regularizer(config, tiny.model, encoder=FakeEncoder())
-    assert getattr(tiny.model, attr) is reg.projector
+    assert isinstance(reg, cls) and reg.enabled
+    assert set(tiny.model.state_dict()) == keys  # no foreign keys: save_pretrained / strict loads unchanged
     ids = {id(p) for p in tiny.model.parameters()}
-    assert all(id(p) in ids for p in reg.projector.parameters())
-    assert any(k.startswith(f"{attr}.") for k in tiny.model.state_dict())
-    assert isinstance(reg, RepaRegularizer if attr == "repa_projector" else URepaRegularizer)
+    assert not any(id(p) in ids for p in reg.parameters())
+    assert [id(p) for p in reg.parameters()] == [id(p) for p in reg.projector.parameters()]
     assert reg.projector[-1].out_features == 16 and reg.projector[0].normalized_shape == (tiny.hidden_width,)
     assert all(p.dtype == torch.float32 for p in reg.projector.parameters())
 
@@ -115,7 +119,8 @@ def test_features_path_is_lambda_times_the_public_loss(family):
     expected = rf.cosine_alignment_loss(reg.projector(tokens), y, h_grid=grid, y_grid=(2, 5))
     torch.testing.assert_close(loss, 0.7 * expected)
     torch.testing.assert_close(logs["crepa_similarity"], -expected.detach())
-    assert set(logs) == {"crepa_loss", "crepa_alignment_loss", "crepa_similarity", "crepa_weight", "crepa_cutoff"}
+    assert set(logs) == {"crepa_loss", "crepa_alignment_loss", "crepa_similarity", "crepa_weight", "crepa_cutoff",
+                         "crepa_alignment_score", "crepa_similarity_self"}
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in logs.values())
     assert float(logs["crepa_weight"]) == pytest.approx(0.7) and not bool(logs["crepa_cutoff"])
 
@@ -251,30 +256,41 @@ def test_similarity_cutoff_permanent_then_skipped():
     assert enc.calls == 1 and bool(logs["crepa_cutoff"])  # known on the host: no encoder work any more
 
 
-def test_state_dict_resume():
+def same_state(a, b) -> bool:
+    return (a["kind"] == b["kind"] and a["schedule"] == b["schedule"] and a["projector"].keys() == b["projector"].keys()
+            and all(torch.equal(a["projector"][k], b["projector"][k]) for k in a["projector"]))
+
+
+def test_state_dict_resume_through_torch_save(tmp_path):
     cfg = {**REPA, "crepa_similarity_threshold": 0.99, "crepa_similarity_ema_decay": 0.5}
     tiny = TINY_DIT["dit"]()
     reg = build_regularizer(cfg, tiny.model, encoder=FakeEncoder())
+    opt = torch.optim.SGD(reg.parameters(), lr=0.5)
     for step in range(2):
         forward(tiny)
-        reg.loss(step=step, pixels=pixels(seed=step))
-    state = reg.state_dict()
+        reg.loss(step=step, pixels=pixels(seed=step))[0].backward()
+        opt.step()
+    torch.save(reg.state_dict(), tmp_path / "reg.pt")
+    state = torch.load(tmp_path / "reg.pt")  # weights_only: plain tensors and numbers
     assert state["kind"] == "crepa" and state["schedule"]["similarity_ema"] is not None
     reg.remove()
     again = build_regularizer(cfg, tiny.model, encoder=FakeEncoder())
+    assert not same_state(again.state_dict(), state)  # a fresh projector differs
     again.load_state_dict(state)
-    assert again.state_dict() == state
+    assert same_state(again.state_dict(), state)
     other = build_regularizer(UREPA, TINY_UNET["sd15"]().model, encoder=FakeEncoder())
     with pytest.raises(ValueError, match="from a 'crepa' regularizer, not 'urepa'"):
         other.load_state_dict(state)
+    with pytest.raises(KeyError, match=r"missing \['projector'\]"):
+        again.load_state_dict({"kind": "crepa", "schedule": state["schedule"]})
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict: a partial projector is refused
+        again.load_state_dict({**state, "projector": {"0.weight": state["projector"]["0.weight"]}})
 
 
-def test_remove_detaches_hooks_and_projector():
+def test_remove_detaches_hooks():
     tiny = TINY_DIT["dit"]()
     reg = build_regularizer(REPA, tiny.model, encoder=FakeEncoder())
     reg.remove()
-    assert not hasattr(tiny.model, "repa_projector")
-    assert not any("repa_projector" in k for k in tiny.model.state_dict())
     forward(tiny)
     assert not reg.capture.captured
     with pytest.raises(RuntimeError, match="was removed"):
@@ -367,22 +383,19 @@ def test_build_errors():
     enc = FakeEncoder()
     with pytest.raises(ValueError, match="both true"):
         build_regularizer({**REPA, **UREPA}, dit, encoder=enc)
-    with pytest.raises(ValueError, match="neither crepa_enabled nor urepa_enabled"):
-        build_regularizer({}, dit, encoder=enc)
     with pytest.raises(ValueError, match="is a UNet: use U-REPA"):
         build_regularizer(REPA, unet, encoder=enc)
     with pytest.raises(ValueError, match="diffusion transformer: use REPA"):
         build_regularizer(UREPA, dit, encoder=enc)
     with pytest.raises(IndexError, match=r"block_index 8 is out of range .* valid range is \[0, 2\)"):
         build_regularizer({"crepa_enabled": True}, dit, encoder=enc)  # SimpleTuner's default index 8
-    with pytest.raises(ValueError, match="crepa_decay_steps=0"):
-        build_regularizer({**REPA, "crepa_scheduler": "cosine"}, dit, encoder=enc)
+    with pytest.raises(ValueError, match="crepa_warmup_steps=5 ≥ crepa_decay_steps=3"):
+        build_regularizer({**REPA, "crepa_scheduler": "linear", "crepa_warmup_steps": 5, "crepa_decay_steps": 3},
+                          dit, encoder=enc)
     with pytest.raises(ValueError, match="unknown config key 'crepa_lamda'"):
         build_regularizer({**REPA, "crepa_lamda": 1}, dit, encoder=enc)
-    assert not hasattr(dit, "repa_projector") and not hasattr(unet, "urepa_projector")
-    build_regularizer(REPA, dit, encoder=enc)
-    with pytest.raises(ValueError, match="already has a repa_projector"):
-        build_regularizer(REPA, dit, encoder=enc)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        build_regularizer(os.path.dirname(__file__), dit, encoder=enc)
 
 
 def test_loss_errors():
@@ -412,6 +425,82 @@ def test_loss_errors():
     forward(tiny)
     with pytest.raises(ValueError, match="step must be an int ≥ 0"):
         reg.loss(step=-1, pixels=pixels())
+    forward(tiny)
+    reg.to("meta")
+    with pytest.raises(RuntimeError, match=r"tokens are on cpu but the REPA projector is on meta: call reg.to\('cpu'\)"):
+        reg.loss(step=0, pixels=pixels())
+
+
+# -- trainer-facing behaviour ---------------------------------------------------------------------------------
+
+
+def test_pixels_are_checked_on_every_call_without_a_host_sync():
+    tiny = TINY_DIT["dit"]()
+    reg = build_regularizer(REPA, tiny.model, encoder=FakeEncoder())
+    forward(tiny)
+    reg.loss(step=0, pixels=pixels())
+    forward(tiny)
+    with pytest.raises(ValueError, match=r"pixels passed to reg.loss are in \[0.*, 255\] .* expects \[-1, 1\]"):
+        reg.loss(step=1, pixels=pixels() * 127.5 + 127.5)  # a later batch in [0, 255]
+    nan = pixels()
+    nan[0, 0, 0, 0] = float("nan")
+    tiny2 = TINY_DIT["dit"]()
+    fresh = build_regularizer(REPA, tiny2.model, encoder=FakeEncoder())
+    forward(tiny2)
+    with pytest.raises(ValueError, match="contain NaN"):
+        fresh.loss(step=0, pixels=nan)  # the very first call
+
+
+def test_simpletuner_log_names_and_one_info_line(caplog):
+    tiny = TINY_DIT["dit"]()
+    with caplog.at_level(logging.INFO, logger="repa_fused"):
+        reg = build_regularizer({**REPA, "crepa_similarity_threshold": 0.99}, tiny.model, encoder=FakeEncoder())
+    lines = [r.getMessage() for r in caplog.records if r.name == "repa_fused"]
+    assert len(lines) == 1 and "REPA: DiTTransformer2DModel.transformer_blocks.1" in lines[0]
+    assert "linear projector 16->16" in lines[0] and "encoder fake-encoder" in lines[0] and "backend" in lines[0]
+    forward(tiny)
+    _, logs = reg.loss(step=0, pixels=pixels())
+    assert logs["crepa_alignment_score"] is logs["crepa_similarity"] is logs["crepa_similarity_self"]
+    assert logs["crepa_alignment_score_ema"] is logs["crepa_similarity_ema"]
+    unet = TINY_UNET["sd15"]()
+    reg = build_regularizer(UREPA, unet.model, encoder=FakeEncoder())
+    forward(unet)
+    assert "urepa_alignment_score" not in reg.loss(step=0, pixels=pixels())[1]
+
+
+def test_disabled_config_gives_a_no_op_the_loop_calls_unchanged(caplog):
+    tiny = TINY_DIT["dit"]()
+    with caplog.at_level(logging.INFO, logger="repa_fused"):
+        reg = build_regularizer({"crepa_enabled": False, "learning_rate": 1e-4}, tiny.model)
+    assert isinstance(reg, DisabledRegularizer) and not reg.enabled
+    assert "neither crepa_enabled nor urepa_enabled" in caplog.records[-1].getMessage()
+    assert not tiny.model._forward_pre_hooks  # no hooks, no capture
+    loss, logs = reg.loss(step=0, pixels=pixels())
+    assert float(loss) == 0.0 and logs == {} and list(reg.parameters()) == []
+    assert reg.to("cpu") is reg and reg.sync_gradients() is None
+    reg.max_train_steps = 10
+    reg.load_state_dict(reg.state_dict())
+    with pytest.raises(ValueError, match="from a 'crepa' regularizer, but neither"):
+        reg.load_state_dict({"kind": "crepa"})
+    enabled = build_regularizer(REPA, tiny.model, encoder=FakeEncoder())
+    with pytest.raises(ValueError, match="from no regularizer, not 'crepa'"):
+        enabled.load_state_dict(reg.state_dict())
+
+
+def test_namespace_config_and_max_train_steps_after_building():
+    tiny = TINY_DIT["dit"]()
+    args = argparse.Namespace(crepa_enabled=True, crepa_block_index=1, crepa_scheduler="linear", crepa_lambda=None,
+                              output_dir="out")
+    reg = build_regularizer(args, tiny.model, encoder=FakeEncoder())  # no horizon yet: fine at build
+    reg.max_train_steps = 4  # as diffusers' scripts know it: after accelerator.prepare
+    forward(tiny)
+    _, logs = reg.loss(step=2, pixels=pixels())
+    assert float(logs["crepa_weight"]) == pytest.approx(0.25)
+    other = TINY_DIT["dit"]()
+    late = build_regularizer(args, other.model, encoder=FakeEncoder())
+    forward(other)
+    with pytest.raises(ValueError, match="set reg.max_train_steps"):
+        late.loss(step=0, features=torch.randn(2, 16, 16))
 
 
 # -- DDP -----------------------------------------------------------------------------------------------------
@@ -430,22 +519,36 @@ from test_regularizers import FakeEncoder, pixels
 def run(rank):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT={port!r})
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    for ddp_kwargs in (dict(find_unused_parameters=False), dict(find_unused_parameters=True), dict(static_graph=True)):
+        torch.manual_seed(rank)  # no common seed: the first loss must give every rank rank 0's projector
+        tiny = TINY_DIT["dit"]()
+        # Step 0: λ = 0 (warmup), step 1: λ > 0, step 2: cut off; the projector must sync on every step.
+        reg = rf.build_regularizer({{"crepa_enabled": True, "crepa_block_index": 1, "crepa_warmup_steps": 1,
+                                    "crepa_cutoff_step": 2}}, tiny.model, encoder=FakeEncoder())
+        model = torch.nn.parallel.DistributedDataParallel(tiny.model, **ddp_kwargs)
+        opt = torch.optim.SGD([*model.parameters(), *reg.parameters()], lr=0.1)
+        for step in range(4):
+            out = model(**tiny.inputs(batch=2, seed=rank))[0]
+            loss, logs = reg.loss(step=step, pixels=pixels(seed=rank))
+            (out.square().mean() + loss).backward()
+            reg.sync_gradients()
+            opt.step()
+            opt.zero_grad()
+        flat = torch.cat([p.detach().flatten() for p in reg.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(2)]
+        dist.all_gather(gathered, flat)
+        assert torch.equal(gathered[0], gathered[1]), ddp_kwargs  # the ranks' projectors stayed in sync
+        reg.remove()
+    # Forgetting sync_gradients in a multi-rank run is an error at the optimizer step, not a silent drift.
     tiny = TINY_DIT["dit"]()
-    # Step 0: λ = 0 (warmup), step 1: λ > 0, step 2: cut off; the projector must sync on every step.
-    reg = rf.build_regularizer({{"crepa_enabled": True, "crepa_block_index": 1, "crepa_warmup_steps": 1,
-                                "crepa_cutoff_step": 2}}, tiny.model, encoder=FakeEncoder())
-    model = torch.nn.parallel.DistributedDataParallel(tiny.model, find_unused_parameters=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(4):
-        out = model(**tiny.inputs(batch=2, seed=rank))[0]
-        loss, logs = reg.loss(step=step, pixels=pixels(seed=rank))
-        (out.square().mean() + loss).backward()
-        opt.step()
-        opt.zero_grad()
-    flat = torch.cat([p.detach().flatten() for p in reg.projector.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(2)]
-    dist.all_gather(gathered, flat)
-    assert torch.equal(gathered[0], gathered[1])  # the ranks' projectors stayed in sync
+    reg = rf.build_regularizer({{"crepa_enabled": True, "crepa_block_index": 1}}, tiny.model, encoder=FakeEncoder())
+    tiny.model(**tiny.inputs(batch=2, seed=rank))
+    reg.loss(step=0, pixels=pixels(seed=rank))[0].backward()
+    try:
+        torch.optim.SGD(reg.parameters(), lr=0.1).step()
+        raise AssertionError("no error")
+    except RuntimeError as e:
+        assert "before reg.sync_gradients()" in str(e), e
     dist.destroy_process_group()
 
 
@@ -480,13 +583,15 @@ def test_accelerate_checkpointing_resumes_the_schedule(tmp_path):
     accelerator.register_for_checkpointing(reg)
     forward(tiny)
     reg.loss(step=0, pixels=pixels())
-    saved = reg.state_dict()
+    saved = {k: v for k, v in reg.state_dict().items()}
+    saved["projector"] = {k: v.clone() for k, v in saved["projector"].items()}
     accelerator.save_state(str(tmp_path / "ckpt"))
     forward(tiny)
-    reg.loss(step=1, pixels=pixels(seed=5))
-    assert reg.state_dict() != saved
+    reg.loss(step=1, pixels=pixels(seed=5))[0].backward()
+    torch.optim.SGD(reg.parameters(), lr=1.0).step()
+    assert not same_state(reg.state_dict(), saved)
     accelerator.load_state(str(tmp_path / "ckpt"))
-    assert reg.state_dict() == saved
+    assert same_state(reg.state_dict(), saved)
 
 
 class CacheRows(torch.utils.data.Dataset):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from repa_fused.training.config import load_config
-from repa_fused.training.schedule import CoefficientSchedule
+from repa_fused.training.schedule import CoefficientSchedule, DeferredRead
 
 
 def sched(**kw):
@@ -36,9 +36,28 @@ def test_warmup_ramps_from_zero_then_decays():
 def test_decay_steps_zero_means_max_train_steps():
     s = sched(scheduler="linear", max_train_steps=100)
     assert [s.weight(t) for t in (0, 50, 100)] == pytest.approx([1, 0.5, 0])
-    with pytest.raises(ValueError, match="crepa_decay_steps=0 means 'decay until max_train_steps'"):
-        CoefficientSchedule(1.0, scheduler="cosine")
-    CoefficientSchedule(1.0)  # constant needs no horizon
+    late = CoefficientSchedule(1.0, scheduler="cosine")  # the horizon may come after building...
+    with pytest.raises(ValueError, match="crepa_decay_steps=0 means 'decay until max_train_steps'.*"
+                                         "set reg.max_train_steps"):
+        late.weight(0)  # ...but not after the first weight that needs it
+    late.max_train_steps = 100
+    assert late.weight(50) == pytest.approx(0.5)
+    assert CoefficientSchedule(1.0).weight(10 ** 6) == 1.0  # constant needs no horizon
+
+
+@pytest.mark.parametrize("kw, source", [
+    (dict(warmup_steps=20, decay_steps=10), "crepa_decay_steps=10"),
+    (dict(warmup_steps=10, decay_steps=10), "crepa_decay_steps=10"),
+    (dict(warmup_steps=20, max_train_steps=15), "max_train_steps=15"),
+])
+def test_warmup_ending_after_the_decay_is_an_error(kw, source):
+    kw.setdefault("max_train_steps", None)
+    with pytest.raises(ValueError, match=f"crepa_warmup_steps={kw['warmup_steps']} ≥ {source}: .*cliff"):
+        CoefficientSchedule(1.0, scheduler="linear", **kw)
+    late = CoefficientSchedule(1.0, scheduler="linear", warmup_steps=20)
+    with pytest.raises(ValueError, match="cliff"):
+        late.max_train_steps = 20
+    CoefficientSchedule(1.0, warmup_steps=20, decay_steps=10)  # constant: the decay never runs
 
 
 def test_zero_lambda_and_zero_power_edge():
@@ -63,6 +82,8 @@ def test_bad_step_and_arguments():
         CoefficientSchedule(1.0, threshold_mode="sometimes")
     with pytest.raises(ValueError, match="max_train_steps must be an int"):
         CoefficientSchedule(1.0, max_train_steps=-3)
+    with pytest.raises(ValueError, match="max_train_steps must be an int"):
+        s.max_train_steps = 2.5
 
 
 def run(s, sims, start=0):
@@ -131,4 +152,13 @@ def test_from_config_uses_prefixed_keys():
     s = CoefficientSchedule.from_config(cfg)
     assert s.weight(5) == pytest.approx(0.2) and s.tracks_similarity
     with pytest.raises(ValueError, match="urepa_decay_steps=0"):
-        CoefficientSchedule.from_config(load_config({"urepa_scheduler": "linear"}).urepa)
+        CoefficientSchedule.from_config(load_config({"urepa_scheduler": "linear"}).urepa).weight(0)
+
+
+def test_deferred_read_returns_what_was_put_once():
+    read = DeferredRead()
+    assert read.take() is None
+    flag = torch.tensor(True)
+    read.put(flag)
+    flag.fill_(False)  # the copy was taken at put time
+    assert bool(read.take()) and read.take() is None
