@@ -23,7 +23,10 @@ import torch
 from . import reference
 
 OP_NAMES = ("cosine", "manifold", "urepa")
-TERMS = {"cosine": 1, "manifold": 1, "urepa": 2}
+# The manifold term over sample pairs and whole-batch pairs (``pairs=``); U-REPA in those modes is the
+# cosine op plus one of these. Kept apart from OP_NAMES, whose ops `repa-fused check` runs by name.
+PAIR_OP_NAMES = ("manifold_samples", "manifold_batch")
+TERMS = {"cosine": 1, "manifold": 1, "urepa": 2, "manifold_samples": 1, "manifold_batch": 1}
 
 # forward(h, y, h_grid, y_grid, target_grid[, mean=True]) -> (T, B) losses, or ((T, B) losses, saved) where
 # ``saved`` is one float32 tensor of O(B·N) values the backward reuses (per-token norms, say) instead of
@@ -185,21 +188,24 @@ def _reference_implementations() -> dict[str, tuple[ForwardImpl, BackwardImpl]]:
 
         return forward, backward
 
-    return {op: make(op) for op in OP_NAMES}
+    return {op: make(op) for op in OP_NAMES + PAIR_OP_NAMES}
 
 
 def _triton_implementations() -> dict[str, Union[OpImpl, tuple]]:
+    from . import pairs
     from .kernels import cosine, manifold
 
     return {"cosine": OpImpl(cosine.forward, cosine.backward, cosine.saved_shape, fused_mean=True),
             "manifold": (manifold.manifold_forward, manifold.manifold_backward),
-            "urepa": (manifold.urepa_forward, manifold.urepa_backward)}
+            "urepa": (manifold.urepa_forward, manifold.urepa_backward),
+            **pairs.implementations((manifold.manifold_forward, manifold.manifold_backward))}
 
 
 def _cpp_implementations() -> dict[str, tuple]:
-    from . import _cpp_loader
+    from . import _cpp_loader, pairs
 
-    return _cpp_loader.implementations()
+    cpp = _cpp_loader.implementations()
+    return {**cpp, **pairs.implementations(cpp["manifold"])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +263,7 @@ BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, devices: Optional[tuple[str, ...]], load) -> Backend:
     backend = Backend(name, devices, load)
-    for op in OP_NAMES:
+    for op in OP_NAMES + PAIR_OP_NAMES:
         backend.ops[op] = define_loss_op(op, name, lambda _op=op: backend.implementations()[_op])
     BACKENDS[name] = backend
     return backend

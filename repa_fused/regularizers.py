@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import functional
+from . import functional, irepa
 from .capture import attach_capture
 from .config import Config, RepaConfig, URepaConfig, load_config
 from .schedule import CoefficientSchedule
@@ -74,8 +74,9 @@ class AlignmentRegularizer:
         self.capture = attach_capture(model, self.KIND, self._block_index())
         param = next(model.parameters(), None)
         # float32 like SimpleTuner: the projector is trained from scratch, whatever the model's dtype.
-        self.projector = build_projector(config.projector, self.capture.hidden_width, width,
-                                         config.projector_dim).to(
+        self.projector = (irepa.ConvProjector(self.capture.hidden_width, width, config.irepa_projector_kernel_size)
+                          if config.irepa_enabled else
+                          build_projector(config.projector, self.capture.hidden_width, width, config.projector_dim)).to(
             device=param.device if param is not None else None, dtype=torch.float32)
         model.add_module(self.PROJECTOR_ATTR, self.projector)
         self._removed = False
@@ -105,7 +106,10 @@ class AlignmentRegularizer:
         if weight == 0.0:
             return self._skipped(step, tokens.device)
         y, y_grid = self._features(tokens, pixels, latents, vae, features, features_grid, keys)
-        h = self.projector(tokens.to(self.projector[-1].weight.dtype))
+        if self.config.irepa_enabled:  # z-score on the encoder's grid, before any grid alignment
+            y = irepa.spatial_normalize(y, self.config.irepa_spatial_norm_alpha)
+        x = tokens.to(self.projector[-1].weight.dtype)
+        h = self.projector(x, h_grid) if self.config.irepa_enabled else self.projector(x)
         terms = self._terms(h, h_grid, y, y_grid)
         similarity = -terms["alignment_loss"].detach()
         gate = self.schedule.observe(similarity)
@@ -252,7 +256,8 @@ class URepaRegularizer(AlignmentRegularizer):
 
     def _terms(self, h, h_grid, y, y_grid):
         total, alignment, manifold = functional.urepa_loss(
-            h, y, manifold_weight=self.config.manifold_weight, h_grid=h_grid, y_grid=y_grid, align=self.config.align)
+            h, y, manifold_weight=self.config.manifold_weight, h_grid=h_grid, y_grid=y_grid, align=self.config.align,
+            pairs=self.config.manifold_pairs)
         return {"total": total, "alignment_loss": alignment, "manifold_loss": manifold}
 
 
