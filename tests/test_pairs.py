@@ -164,3 +164,22 @@ def test_custom_ops_pass_opcheck():
             custom = ops.BACKENDS[backend].ops[op].custom_op
             for mean in (False, True):
                 torch.library.opcheck(custom, (h, y, [2, 3], [3, 3], [2, 3], mean))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pairs", ["samples", "batch"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_triton(pairs, reduction, dtype, tol):
+    b, h_grid, y_grid, d = 3, (5, 7), (6, 6), 67
+    h, y = _case(b, h_grid, y_grid, d, torch.float64, seed=13, requires_grad=False)
+    h, y = (x.to("cuda", dtype).requires_grad_() for x in (h, y))
+    out = rf.manifold_loss(h, y, h_grid=h_grid, y_grid=y_grid, align="y", pairs=pairs, reduction=reduction,
+                           backend="triton")
+    h64, y64 = (x.detach().cpu().double().requires_grad_() for x in (h, y))
+    shares = independent_pairs(h64, y64, h_grid, y_grid, y_grid, pairs)
+    exact = shares.mean() if reduction == "mean" else shares
+    out.sum().backward()
+    exact.sum().backward()
+    assert _close(exact.detach(), out.detach().cpu(), tol)
+    assert _close(h64.grad, h.grad.cpu(), tol) and _close(y64.grad, y.grad.cpu(), tol)
