@@ -8,7 +8,7 @@ import torch
 
 import repa_fused as rf
 from repa_fused import functional, ops, pairs as pair_ops
-from tests.helpers import ODD_CASES, independent_losses, rel_rmse, resample, unit
+from helpers import ODD_CASES, independent_losses, rel_rmse, resample, unit
 
 BACKENDS = [b for b in ("reference", "cpp", "triton") if b in ops.available_backends("cpu")]
 # The Triton interpreter is slow: it sees the small cases only.
