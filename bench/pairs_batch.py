@@ -9,8 +9,9 @@ Rows: fused (triton, or the backend given), eager bf16 (the trainer's loss in th
 (torch.compile of it), and the fp32 reference (labelled, not a baseline). Each: forward+backward GPU time
 by CUDA-graph replay where the variant can be captured (else CUDA events around eager calls: "timing"
 says which), host-inclusive time, peak extra memory, and the relative RMSE of loss and gradient against
-an fp64 Gram computation. Counted work: the Gram form's 12·B·N·D² FLOPs (forward 8, backward ... see
-notes/pairs_irepa_encoders.md) is the floor the fused path can reach; eager does 2·(B·N)²·D per matrix.
+an fp64 Gram computation. Counted work (notes/pairs_irepa_encoders.md): eager does 2·(B·N)²·D FLOPs per
+similarity matrix and pass; the Gram form 20·B·N·D² forward + backward (the floor "tflops_counted_gram"
+divides by).
 
     python bench/pairs_batch.py --json $OUT/pairs_batch.json       # < 3 min on an H100/H200
 """
@@ -92,7 +93,7 @@ def main():
         variants["compile bf16"] = torch.compile(eager_batch)
     n = B * H_GRID[0] * H_GRID[1]
     flops_eager = 2 * 2 * n * n * D * 3  # two similarity matrices, forward + 2× backward
-    flops_gram = 12 * n * D * D
+    flops_gram = 20 * n * D * D  # forward 8·n·D², backward 12·n·D² (kernels/manifold.py)
     rows = []
     for name, loss_fn in variants.items():
         def step():
