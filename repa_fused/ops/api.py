@@ -17,6 +17,7 @@ from .grids import AlignArg, GridArg, resolve_grids
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "none")
+PAIRS = ("tokens", "samples", "batch")
 BACKEND_CHOICES = ("auto", "reference", "triton", "cpp")
 
 
@@ -43,9 +44,18 @@ def _select_backend(backend: str, device: torch.device, op: str, float64: bool =
     return dispatch.BACKENDS[backend].ops[op]
 
 
-def _terms(op: str, h, y, h_grid, y_grid, align, reduction, backend) -> torch.Tensor:
+def _check_pairs(pairs) -> str:
+    if not isinstance(pairs, str) or pairs not in PAIRS:
+        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+    return pairs
+
+
+def _terms(op: str, h, y, h_grid, y_grid, align, reduction, backend, pairs: str = "tokens") -> torch.Tensor:
     """The op's (T, B) per-sample terms, or for ``reduction="mean"`` their (T, 1) batch means (taken
-    inside the kernels where the backend can: no reduction launch, and none for its backward)."""
+    inside the kernels where the backend can: no reduction launch, and none for its backward).
+
+    ``pairs`` other than "tokens" takes the manifold term from the op ``manifold_<pairs>``; U-REPA then
+    stacks the cosine op's term on it (two passes over the inputs instead of the fused one)."""
     _check_tokens("h", h)
     _check_tokens("y", y)
     if h.shape[0] != y.shape[0]:
@@ -58,8 +68,16 @@ def _terms(op: str, h, y, h_grid, y_grid, align, reduction, backend) -> torch.Te
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     grids = resolve_grids(h.shape[1], y.shape[1], h_grid, y_grid, align)
-    impl = _select_backend(backend, h.device, op, torch.float64 in (h.dtype, y.dtype))
-    return impl(h, y, *grids, mean=reduction == "mean")
+    float64 = torch.float64 in (h.dtype, y.dtype)
+    mean = reduction == "mean"
+    if _check_pairs(pairs) != "tokens" and op != "cosine":
+        manifold = _select_backend(backend, h.device, f"manifold_{pairs}", float64)(h, y, *grids, mean=mean)
+        if op == "manifold":
+            return manifold
+        cosine = _select_backend(backend, h.device, "cosine", float64)(h, y, *grids, mean=mean)
+        return torch.cat((cosine, manifold))
+    impl = _select_backend(backend, h.device, op, float64)
+    return impl(h, y, *grids, mean=mean)
 
 
 def _single_term(terms: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -79,26 +97,34 @@ def cosine_alignment_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg =
 
 
 def manifold_loss(h: torch.Tensor, y: torch.Tensor, *, h_grid: GridArg = None, y_grid: GridArg = None,
-                  align: AlignArg = "min", reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
-    """U-REPA's manifold loss: (1/(B·N²)) Σ_b Σ_ij (ĥ_bi·ĥ_bj − ŷ_bi·ŷ_bj)², no N×N tensor in fused backends.
+                  align: AlignArg = "min", pairs: str = "tokens", reduction: str = "mean",
+                  backend: str = "auto") -> torch.Tensor:
+    """U-REPA's manifold loss over ``pairs`` of unit tokens ĥ, ŷ on the aligned grid (N target tokens):
 
-    h: (B, N_h, D), y: (B, N_y, D). Returns a scalar (``reduction="mean"``) or (B,) (``"none"``).
+    * ``"tokens"``: (1/(B·N²)) Σ_b Σ_ij (ĥ_bi·ĥ_bj − ŷ_bi·ŷ_bj)², token pairs within each image;
+    * ``"samples"``: (1/B²) Σ_ab (p_a·p_b − q_a·q_b)², p_b = normalize(mean_n ĥ_bn), q_b likewise;
+    * ``"batch"``: (1/(B·N)²) Σ_(a,i) Σ_(b,j) (ĥ_ai·ĥ_bj − ŷ_ai·ŷ_bj)², all tokens of the batch.
+
+    No N×N (or (B·N)²) tensor in the fused backends. h: (B, N_h, D), y: (B, N_y, D). Returns a scalar
+    (``reduction="mean"``) or (B,) (``"none"``: each sample's share, the sum over its own rows of the
+    pair matrix, scaled so that the mean of the shares is the loss).
     """
-    return _single_term(_terms("manifold", h, y, h_grid, y_grid, align, reduction, backend), reduction)
+    return _single_term(_terms("manifold", h, y, h_grid, y_grid, align, reduction, backend, pairs), reduction)
 
 
 def urepa_loss(h: torch.Tensor, y: torch.Tensor, *, manifold_weight: float = 3.0, h_grid: GridArg = None,
-               y_grid: GridArg = None, align: AlignArg = "min", reduction: str = "mean",
+               y_grid: GridArg = None, align: AlignArg = "min", pairs: str = "tokens", reduction: str = "mean",
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U-REPA: ``(total, alignment, manifold)`` with total = alignment + manifold_weight · manifold.
 
-    Both terms come from one pass over the inputs. Each is a scalar or (B,) per ``reduction``.
+    ``pairs`` chooses the manifold term's pairs (see :func:`manifold_loss`). With "tokens" both terms come
+    from one pass over the inputs. Each is a scalar or (B,) per ``reduction``.
     """
     if isinstance(manifold_weight, bool) or not isinstance(manifold_weight, (int, float)):
         raise TypeError(f"manifold_weight must be a real number, got {type(manifold_weight).__name__}")
     if not math.isfinite(manifold_weight):
         raise ValueError(f"manifold_weight must be finite, got {manifold_weight}")
-    terms = _terms("urepa", h, y, h_grid, y_grid, align, reduction, backend)
+    terms = _terms("urepa", h, y, h_grid, y_grid, align, reduction, backend, pairs)
     rows = (terms.squeeze(1) if reduction == "mean" else terms).unbind(0)
     alignment, manifold = rows[ALIGNMENT_ROW], rows[MANIFOLD_ROW]
     return alignment + manifold_weight * manifold, alignment, manifold

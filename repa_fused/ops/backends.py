@@ -14,8 +14,8 @@ from typing import Union
 import torch
 
 from ..kernels._runtime import triton_interpreter
-from . import cpp, reference
-from .dispatch import OP_NAMES, OpImpl, register_backend
+from . import cpp, pairs, reference
+from .dispatch import OP_NAMES, PAIR_OP_NAMES, OpImpl, register_backend
 
 
 def _reference_implementations() -> dict[str, tuple]:
@@ -31,17 +31,24 @@ def _reference_implementations() -> dict[str, tuple]:
 
         return forward, backward
 
-    return {op: make(op) for op in OP_NAMES}
+    return {op: make(op) for op in OP_NAMES + PAIR_OP_NAMES}
 
 
 def _triton_implementations() -> dict[str, Union[OpImpl, tuple]]:
     from ..kernels import cosine, manifold
 
+    tokens = OpImpl(manifold.manifold_forward, manifold.manifold_backward, grad_in_forward=True,
+                    backward_reads_inputs=False)
     return {"cosine": OpImpl(cosine.forward, cosine.backward, cosine.saved_shape, fused_mean=True),
-            "manifold": OpImpl(manifold.manifold_forward, manifold.manifold_backward, grad_in_forward=True,
-                               backward_reads_inputs=False),
+            "manifold": tokens,
             "urepa": OpImpl(manifold.urepa_forward, manifold.urepa_backward, manifold.urepa_saved_shape,
-                            grad_in_forward=True)}
+                            grad_in_forward=True),
+            **pairs.implementations(tokens)}
+
+
+def _cpp_implementations() -> dict[str, Union[OpImpl, tuple]]:
+    implementations = cpp.implementations()
+    return {**implementations, **pairs.implementations(implementations["manifold"])}
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -57,4 +64,4 @@ def _triton_available(device: torch.device) -> bool:
 register_backend("reference", None, _reference_implementations)
 register_backend("triton", tuple(d for d in ("cpu", "cuda") if _triton_available(torch.device(d))),
                  _triton_implementations)
-register_backend("cpp", ("cpu",) if cpp.extension() is not None else (), cpp.implementations)
+register_backend("cpp", ("cpu",) if cpp.extension() is not None else (), _cpp_implementations)

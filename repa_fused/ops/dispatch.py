@@ -21,7 +21,10 @@ import torch
 from . import reference
 
 OP_NAMES = ("cosine", "manifold", "urepa")
-TERMS = {"cosine": 1, "manifold": 1, "urepa": 2}
+# The manifold term over sample pairs and whole-batch pairs (``pairs=``); U-REPA in those modes is the
+# cosine op plus one of these. Kept apart from OP_NAMES, whose ops `repa-fused check` runs by name.
+PAIR_OP_NAMES = ("manifold_samples", "manifold_batch")
+TERMS = {"cosine": 1, "manifold": 1, "urepa": 2, "manifold_samples": 1, "manifold_batch": 1}
 # The rows of an op's (T, B) output: "urepa" stacks both terms, the others have one row.
 ALIGNMENT_ROW = 0  # the cosine alignment term (the only row of "cosine")
 MANIFOLD_ROW = -1  # the manifold term (the only row of "manifold", the last of "urepa")
@@ -254,7 +257,7 @@ BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, devices: Optional[tuple[str, ...]], load) -> Backend:
     backend = Backend(name, devices, load)
-    for op in OP_NAMES:
+    for op in OP_NAMES + PAIR_OP_NAMES:
         backend.ops[op] = define_loss_op(op, name, lambda _op=op: backend.implementations()[_op])
     BACKENDS[name] = backend
     return backend

@@ -77,11 +77,72 @@ def urepa(h, y, h_grid: Grid, y_grid: Grid, target_grid: Grid) -> torch.Tensor:
     return torch.stack((alignment, (sim_h - sim_y).square().mean((-2, -1))))
 
 
+# --------------------------------------------------------------------------------------------------
+# The manifold term over other pairs (``pairs=``). "tokens" is :func:`manifold` above. Both modes below
+# are a set of R unit rows U (from h) and V (from y) with S = UUᵀ − VVᵀ and a weight per row w_r, the loss
+# Σ_r w_r Σ_c S_rc²; each sample's share sums the rows it owns, so that the shares' mean is the loss.
+#   "samples": rows p_b = normalize(mean_n ĥ_bn), q_b likewise (R = B), loss (1/B²) Σ_ab S_ab²,
+#              share_a = (1/B) Σ_b S_ab².
+#   "batch":   rows all B·N unit tokens (R = B·N), loss (1/(B·N)²) Σ_rc S_rc²,
+#              share_a = (1/(B·N²)) Σ_(i of a) Σ_c S_(ai),c².
+# This eager truth builds the R×R matrices; for "batch" that is the (B·N)² cost the fused backends avoid.
+
+PAIRS = ("tokens", "samples", "batch")
+
+
+def sample_units(x_hat: torch.Tensor) -> torch.Tensor:
+    """(B, D): each image's mean unit token, normalised with the same eps as the tokens."""
+    return normalize_tokens(x_hat.mean(1))
+
+
+def _pair_rows(h_hat, y_hat, pairs: str):
+    """(U, V) of shape (B, R/B, D): each sample's rows, R = B (samples) or B·N (batch)."""
+    if pairs == "samples":
+        return sample_units(h_hat).unsqueeze(1), sample_units(y_hat).unsqueeze(1)
+    return h_hat, y_hat
+
+
+def _pair_scale(batch: int, rows: int) -> float:
+    """The share's factor: 1/(B·k²) for k rows per sample (k = 1 samples, k = N batch)."""
+    return 1.0 / (batch * rows**2)
+
+
+def manifold_pairs(h, y, h_grid: Grid, y_grid: Grid, target_grid: Grid, pairs: str) -> torch.Tensor:
+    """Each sample's share (B,) of the manifold loss over ``pairs`` ("samples" or "batch")."""
+    u, v = _pair_rows(*aligned_unit_tokens(h, y, h_grid, y_grid, target_grid), pairs)
+    batch, k, dim = u.shape
+    flat_u, flat_v = u.reshape(-1, dim), v.reshape(-1, dim)
+    sim = flat_u @ flat_u.T - flat_v @ flat_v.T
+    return sim.square().view(batch, k, -1).sum((1, 2)) * _pair_scale(batch, k)
+
+
+def _pairs_unit_gradients(g_man, h_hat, y_hat, pairs: str):
+    """(∂/∂ĥ, ∂/∂ŷ) of Σ_b g_man[b]·share_b: with row weights w, ∂/∂U = 2(WS + SW)U and ∂/∂V = −2(WS + SW)V,
+    then for "samples" back through the per-image normaliser and the mean over tokens."""
+    u, v = _pair_rows(h_hat, y_hat, pairs)
+    batch, k, dim = u.shape
+    flat_u, flat_v = u.reshape(-1, dim), v.reshape(-1, dim)
+    sim = flat_u @ flat_u.T - flat_v @ flat_v.T
+    w = (g_man * _pair_scale(batch, k)).repeat_interleave(k).unsqueeze(1)
+    grad_u = 2.0 * (w * (sim @ flat_u) + sim @ (w * flat_u))
+    grad_v = -2.0 * (w * (sim @ flat_v) + sim @ (w * flat_v))
+    if pairs == "batch":
+        return grad_u.view_as(h_hat), grad_v.view_as(y_hat)
+    n = h_hat.shape[1]
+
+    def spread(grad_unit, x_hat):  # through p = normalize(mean_n x̂): the mean's adjoint spreads 1/N
+        return (normalize_tokens_backward(grad_unit, x_hat.mean(1)) / n).unsqueeze(1).expand_as(x_hat)
+
+    return spread(grad_u, h_hat), spread(grad_v, y_hat)
+
+
 # Each loss returns per-sample values with a leading "terms" axis, the layout every backend shares.
 LOSSES = {
     "cosine": lambda *args: cosine_alignment(*args).unsqueeze(0),
     "manifold": lambda *args: manifold(*args).unsqueeze(0),
     "urepa": urepa,
+    "manifold_samples": lambda *args: manifold_pairs(*args, "samples").unsqueeze(0),
+    "manifold_batch": lambda *args: manifold_pairs(*args, "batch").unsqueeze(0),
 }
 
 
@@ -124,15 +185,19 @@ def loss_gradients(op: str, grad: torch.Tensor, h, y, h_grid: Grid, y_grid: Grid
     h_hat, y_hat = normalize_tokens(h_t), normalize_tokens(y_t)
     n = h_hat.shape[1]
     grad = grad.to(dtype)
+    pairs = op.partition("_")[2]  # "samples" / "batch" for the pair modes' ops
     g_cos = grad[0] if op in ("cosine", "urepa") else None
     g_man = grad[-1] if op in ("manifold", "urepa") else None
     diff = (h_hat @ h_hat.transpose(1, 2) - y_hat @ y_hat.transpose(1, 2)) if g_man is not None else None
+    pair_grads = _pairs_unit_gradients(grad[0], h_hat, y_hat, pairs) if pairs else None
 
     def through(g_unit, x_t, x, grid):
         g = normalize_tokens_backward(g_unit, x_t)
         return interpolate_tokens_backward(g, grid, target_grid).to(x.dtype).contiguous()
 
     def unit_grad(other_hat, own_hat, sign):
+        if pair_grads is not None:
+            return pair_grads[0] if sign > 0 else pair_grads[1]
         g = torch.zeros_like(own_hat)
         if g_cos is not None:
             g = g - g_cos.view(-1, 1, 1) * other_hat / n

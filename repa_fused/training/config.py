@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
-PREFIXES = ("crepa_", "urepa_")
+PREFIXES = ("crepa_", "urepa_", "irepa_")  # irepa_*: SimpleTuner's, unprefixed, for whichever is enabled
 SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 THRESHOLD_MODES = ("permanent", "recoverable")
 PROJECTORS = ("linear", "mlp")
@@ -30,9 +30,11 @@ ASPECTS = ("square", "preserve")
 
 
 def _key(text: str, *, choices: tuple = (), check=None, rule: str = "", aliases: tuple = (),
-         optional: bool = False):
-    """Field metadata: help text, allowed values or a range check with its wording, alias key suffixes."""
-    return dict(help=text, choices=choices, check=check, rule=rule, aliases=aliases, optional=optional)
+         optional: bool = False, shared: bool = False):
+    """Field metadata: help text, allowed values or a range check with its wording, alias key suffixes;
+    ``shared``: the key is the field name itself, one key for both regularizers (SimpleTuner's irepa_*)."""
+    return dict(help=text, choices=choices, check=check, rule=rule, aliases=aliases, optional=optional,
+                shared=shared)
 
 
 def _nonneg(v):
@@ -88,6 +90,15 @@ class _AlignmentConfig:
     threshold_mode: str = field(default="permanent", metadata=_key(
         "permanent: the similarity cutoff never lifts; recoverable: λ returns when the EMA drops below",
         choices=THRESHOLD_MODES))
+    irepa_enabled: bool = field(default=False, metadata=_key(
+        "iREPA: z-score the encoder features per channel over the tokens and project with a Conv2d over "
+        "the hidden token grid (applies to the enabled one of crepa_* / urepa_*)", shared=True))
+    irepa_spatial_norm_alpha: float = field(default=0.6, metadata=_key(
+        "iREPA: share α of the spatial mean removed, (y − α·mean) / (std + 1e-6); 1 removes it all",
+        check=lambda v: 0 <= v <= 1, rule="must be in [0, 1]", shared=True))
+    irepa_projector_kernel_size: int = field(default=3, metadata=_key(
+        "iREPA: kernel size k of the Conv2d projector (padding k // 2)",
+        check=lambda v: v >= 1 and v % 2 == 1, rule="must be an odd int ≥ 1", shared=True))
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -95,7 +106,7 @@ class _AlignmentConfig:
 
     def to_dict(self) -> dict:
         """{key: value} with the full prefixed key names; load_config(cfg.to_dict()) gives back ``cfg``."""
-        return {self.PREFIX + _suffix(f): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {_full_key(self.PREFIX, f): getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass
@@ -125,6 +136,10 @@ class URepaConfig(_AlignmentConfig):
     align: str = field(default="min", metadata=_key(
         "token grid the losses compare on: min (the smaller, as SimpleTuner), y (the encoder's: upsample "
         "the UNet features, as the U-REPA paper), h (the UNet's)", choices=("min", "y", "h")))
+    manifold_pairs: str = field(default="tokens", metadata=_key(
+        "pairs of the manifold term: tokens (token pairs within each image, as SimpleTuner), samples "
+        "(between the images' mean tokens) or batch (all tokens of the batch)",
+        choices=("tokens", "samples", "batch")))
 
 
 # SimpleTuner's legacy spelling of the encoder key.
@@ -163,6 +178,10 @@ def _suffix(f: dataclasses.Field) -> str:
     return f.name.rstrip("_")
 
 
+def _full_key(prefix: str, f: dataclasses.Field) -> str:
+    return _suffix(f) if f.metadata["shared"] else prefix + _suffix(f)
+
+
 def _type_name(f: dataclasses.Field) -> str:
     return _base_type(f).__name__
 
@@ -174,7 +193,7 @@ def _base_type(f: dataclasses.Field) -> type:
 
 def _checked(prefix: str, f: dataclasses.Field, value):
     """``value`` validated for field ``f`` (a float field turns an int into float); errors name the key."""
-    key, meta, typ = prefix + _suffix(f), f.metadata, _base_type(f)
+    key, meta, typ = _full_key(prefix, f), f.metadata, _base_type(f)
     if value is None:
         if meta["optional"]:
             return None
@@ -193,7 +212,7 @@ def _checked(prefix: str, f: dataclasses.Field, value):
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {cls.PREFIX + _suffix(f): f for f in dataclasses.fields(cls)}
+    return {_full_key(cls.PREFIX, f): f for f in dataclasses.fields(cls)}
 
 
 def known_keys() -> list[str]:
@@ -305,6 +324,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group = parser.add_argument_group("representation alignment (REPA / U-REPA)")
     for cls in (RepaConfig, URepaConfig):
         for key, f in _fields(cls).items():
+            if cls is URepaConfig and f.metadata["shared"]:
+                continue  # one flag for a shared key
             typ, meta = _base_type(f), f.metadata
             kwargs = dict(default=None, help=f"{meta['help']} (default: {f.default})")
             if typ is bool:
@@ -335,6 +356,8 @@ def key_table() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for cls in (RepaConfig, URepaConfig):
         for key, f in _fields(cls).items():
+            if cls is URepaConfig and f.metadata["shared"]:
+                continue  # one row for a shared key
             default = "unset" if f.default is None else json.dumps(f.default)
             alias = [a for a, t in _ALIASES.items() if t == key]
             meaning = f.metadata["help"] + (f" (alias: `{alias[0]}`)" if alias else "")

@@ -38,6 +38,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .. import ops
+from . import irepa
 from .capture import attach_capture
 from .config import Config, RepaConfig, URepaConfig, load_config
 from .schedule import CoefficientSchedule, DeferredRead
@@ -102,8 +103,9 @@ class AlignmentRegularizer:
         self.model = self.capture.model
         param = next(self.model.parameters(), None)
         # float32 like SimpleTuner: the projector is trained from scratch, whatever the model's dtype.
-        self.projector = build_projector(config.projector, self.capture.hidden_width, width,
-                                         config.projector_dim).to(
+        self.projector = (irepa.ConvProjector(self.capture.hidden_width, width, config.irepa_projector_kernel_size)
+                          if config.irepa_enabled else
+                          build_projector(config.projector, self.capture.hidden_width, width, config.projector_dim)).to(
             device=param.device if param is not None else None, dtype=torch.float32)
         self._pixel_stats = DeferredRead()  # (min, max) of the last pixels, checked at the next call on CUDA
         self._replicated = False            # the projector was broadcast from rank 0 (first loss)
@@ -201,7 +203,10 @@ class AlignmentRegularizer:
         if weight == 0.0:
             return self._skipped(step, tokens.device)
         y, y_grid = self._features(tokens, pixels, latents, vae, features, features_grid, keys)
-        h = self.projector(tokens.to(torch.float32))
+        if self.config.irepa_enabled:  # z-score on the encoder's grid, before any grid alignment
+            y = irepa.spatial_normalize(y, self.config.irepa_spatial_norm_alpha)
+        x = tokens.to(torch.float32)
+        h = self.projector(x, h_grid) if self.config.irepa_enabled else self.projector(x)
         terms = self._terms(h, h_grid, y, y_grid)
         similarity = -terms["alignment_loss"].detach()
         gate = None
@@ -427,7 +432,8 @@ class URepaRegularizer(AlignmentRegularizer):
 
     def _terms(self, h, h_grid, y, y_grid):
         total, alignment, manifold = ops.urepa_loss(
-            h, y, manifold_weight=self.config.manifold_weight, h_grid=h_grid, y_grid=y_grid, align=self.config.align)
+            h, y, manifold_weight=self.config.manifold_weight, h_grid=h_grid, y_grid=y_grid, align=self.config.align,
+            pairs=self.config.manifold_pairs)
         return {"total": total, "alignment_loss": alignment, "manifold_loss": manifold}
 
 

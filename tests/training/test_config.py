@@ -38,6 +38,8 @@ CHANGED = {
     "urepa_scheduler": "cosine", "urepa_warmup_steps": 0, "urepa_decay_steps": 7, "urepa_lambda_end": 0.25,
     "urepa_power": 0.5, "urepa_cutoff_step": 3, "urepa_similarity_threshold": -0.5,
     "urepa_similarity_ema_decay": 1.0, "urepa_threshold_mode": "recoverable", "urepa_align": "y",
+    "urepa_manifold_pairs": "batch",
+    "irepa_enabled": True, "irepa_spatial_norm_alpha": 0.0, "irepa_projector_kernel_size": 1,  # shared keys
 }
 
 
@@ -228,6 +230,7 @@ def test_key_table_lists_every_field():
     table = key_table()
     for cls in (RepaConfig, URepaConfig):
         for f in dataclasses.fields(cls):
-            assert f"`{cls.PREFIX}{f.name.rstrip('_')}`" in table
+            key = f.name if f.metadata["shared"] else f"{cls.PREFIX}{f.name.rstrip('_')}"  # irepa_*: unprefixed
+            assert f"`{key}`" in table
     assert "crepa_encoder" in known_keys() and "crepa_adjacent_distance" in known_keys()
     assert isinstance(load_config({}), Config)

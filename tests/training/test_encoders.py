@@ -176,3 +176,91 @@ def test_real_name_dinov2_vits14():
     assert enc.name == "facebook/dinov2-small" and enc.hidden_size == 384 and enc.patch_size == 14
     tokens, grid = enc(_pixels(1, 224, 224))
     assert grid == (16, 16) and tokens.shape == (1, 256, 384)
+
+
+# -- DINOv3 and SigLIP / SigLIP2 (issue 17) -----------------------------------------------------------------
+
+
+def _tiny_new_encoder(kind: str, directory, preprocessor: dict = None) -> str:
+    """A random DINOv3 ViT / SigLIP / SigLIP2 vision model (patch 8, width 16) saved by save_pretrained."""
+    import json
+
+    import transformers
+
+    common = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=8)
+    torch.manual_seed(0)
+    if kind == "dinov3":
+        model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(image_size=32, num_register_tokens=4,
+                                                                          **common))
+    elif kind == "siglip":
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(image_size=32, **common))
+    elif kind == "siglip_full":  # a whole SigLIP (text and vision): the vision tower is loaded
+        text = dict(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        model = transformers.SiglipModel(transformers.SiglipConfig(
+            text_config=text, vision_config=dict(image_size=32, **common)))
+    else:
+        model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(num_patches=16, **common))
+    path = str(directory)
+    model.save_pretrained(path)
+    if preprocessor is not None:
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as fh:
+            json.dump(preprocessor, fh)
+    return path
+
+
+@pytest.mark.parametrize("kind, prefix", [("dinov3", 5), ("siglip", 0), ("siglip_full", 0), ("siglip2", 0)])
+def test_new_encoders_give_patch_tokens(kind, prefix, tmp_path):
+    path = _tiny_new_encoder(kind, tmp_path)
+    enc = load_encoder(path, 32)
+    x = _pixels(2, 40, 48)
+    tokens, grid = enc(x)
+    assert grid == (4, 4) and tokens.shape == (2, 16, 16)
+    pre = enc.preprocess(x)
+    if kind == "siglip2":  # the NaFlex layout, built here the way its image processor documents it
+        patches = pre.reshape(2, 3, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 192)
+        full = enc.model(pixel_values=patches, pixel_attention_mask=torch.ones(2, 16, dtype=torch.int32),
+                         spatial_shapes=torch.tensor([[4, 4], [4, 4]])).last_hidden_state
+    else:
+        full = enc.model(pixel_values=pre).last_hidden_state
+    assert full.shape[1] == prefix + 16  # DINOv3: the CLS and 4 registers ahead of the patches
+    torch.testing.assert_close(tokens, full[:, prefix:], rtol=0, atol=0)
+    # the family's own normalisation without a preprocessor config
+    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if kind == "dinov3" else ((0.5,) * 3, (0.5,) * 3)
+    assert enc.preprocessing["mean"] == list(mean) and enc.preprocessing["std"] == list(std)
+    at_size = _pixels(1, 32, 32)
+    want = ((at_size + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(enc.preprocess(at_size), want)
+
+
+def test_siglip_other_size_interpolates_its_positions(tmp_path):
+    enc = load_encoder(_tiny_new_encoder("siglip", tmp_path), 48)
+    tokens, grid = enc(_pixels(1, 48, 48))
+    assert grid == (6, 6) and tokens.shape == (1, 36, 16) and torch.isfinite(tokens).all()
+
+
+def test_preprocessor_config_sets_normalisation_resize_and_default_size(tmp_path):
+    pre = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "resample": 3,
+           "size": {"height": 24, "width": 24}}
+    enc = load_encoder(_tiny_new_encoder("dinov3", tmp_path, pre), None)
+    assert enc.image_size == 24 and enc.resample == "bicubic"
+    assert enc.preprocessing["mean"] == [0.1, 0.2, 0.3] and enc.preprocessing["std"] == [0.4, 0.5, 0.6]
+    assert enc.preprocessing["resize"] == "bicubic"
+    x = _pixels(2, 40, 40)
+    resized = F.interpolate((x + 1) / 2, size=(24, 24), mode="bicubic", align_corners=False, antialias=True)
+    want = (resized.clamp(0, 1) - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+    torch.testing.assert_close(enc.preprocess(x), want)
+
+
+def test_preprocessor_without_normalisation_and_bad_resample(tmp_path):
+    enc = load_encoder(_tiny_new_encoder("siglip2", tmp_path / "a", {"do_normalize": False}), None)
+    assert enc.image_size == 32 and enc.preprocessing["mean"] == [0.0] * 3 and enc.preprocessing["std"] == [1.0] * 3
+    with pytest.raises(ValueError, match="resample=0"):
+        load_encoder(_tiny_new_encoder("siglip", tmp_path / "b", {"resample": 0}), 32)
+
+
+def test_new_names_resolve():
+    assert resolve_encoder_name("dinov3_vitl16") == "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    assert resolve_encoder_name("SIGLIP2_so400m_patch16_naflex") == "google/siglip2-so400m-patch16-naflex"
+    with pytest.raises(ValueError, match="did you mean dinov3_vitb16"):
+        resolve_encoder_name("dinov3_vitb14")
