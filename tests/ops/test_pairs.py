@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import repa_fused as rf
-from repa_fused import functional, ops, pairs as pair_ops
+from repa_fused.ops import api as functional, dispatch, pairs as pair_ops
 from helpers import ODD_CASES, independent_losses, rel_rmse, resample, unit
 
-BACKENDS = [b for b in ("reference", "cpp", "triton") if b in ops.available_backends("cpu")]
+BACKENDS = [b for b in ("reference", "cpp", "triton") if b in dispatch.available_backends("cpu")]
 # The Triton interpreter is slow: it sees the small cases only.
 SMALL_CASES = [c for c in ODD_CASES if c[0] * c[1][0] * c[1][1] * c[3] <= 120]
 
@@ -160,8 +160,8 @@ def test_batch_gram_shares_are_cancellation_free():
 def test_custom_ops_pass_opcheck():
     h, y = _case(2, (2, 3), (3, 3), 5, torch.float32, seed=2)
     for backend in [b for b in BACKENDS if b != "triton"]:
-        for op in ops.PAIR_OP_NAMES:
-            custom = ops.BACKENDS[backend].ops[op].custom_op
+        for op in dispatch.PAIR_OP_NAMES:
+            custom = dispatch.BACKENDS[backend].ops[op].custom_op
             for mean in (False, True):
                 torch.library.opcheck(custom, (h, y, [2, 3], [3, 3], [2, 3], mean))
 

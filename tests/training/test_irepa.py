@@ -6,9 +6,9 @@ import torch
 from models import TINY_DIT, TINY_UNET
 
 import repa_fused as rf
-from repa_fused import irepa
-from repa_fused.config import known_keys, load_config
-from repa_fused.regularizers import build_regularizer
+from repa_fused.training import irepa
+from repa_fused.training.config import known_keys, load_config
+from repa_fused.training.regularizers import build_regularizer
 
 
 def zscore_loops(y, alpha):
@@ -102,7 +102,7 @@ def test_simpletuner_keys_and_defaults():
 def test_argparse_has_one_flag_per_shared_key():
     import argparse
 
-    from repa_fused.config import add_config_arguments, config_from_args
+    from repa_fused.training.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)

@@ -27,10 +27,7 @@ import torch.nn.functional as F
 
 import repa_fused as rf
 
-try:  # the layout after the tools/ move, then the current one
-    from repa_fused.tools import bench as timing
-except ImportError:
-    from repa_fused import benchmarks as timing
+from repa_fused.tools import bench as timing
 
 B, H_GRID, Y_GRID, D = 16, (32, 32), (37, 37), 1536
 
