@@ -1,7 +1,7 @@
 """One case type for ``repa-fused check``, ``repa-fused bench``, ``bench/`` and the tests.
 
 A :class:`Case` is a loss on one geometry: batch B, h's grid, y's grid, width D and the alignment mode.
-It unpacks as ``(B, h_grid, y_grid, D, align)``, the order the tests parametrise by.
+It unpacks and indexes as ``(B, h_grid, y_grid, D, align)``, the order the tests parametrise by.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class Case:
 
     def __iter__(self):
         return iter((self.batch, self.h_grid, self.y_grid, self.dim, self.align))
+
+    def __getitem__(self, index):
+        return tuple(self)[index]
 
     def __str__(self) -> str:
         return self.name or f"B{self.batch}-h{self.h_grid}-y{self.y_grid}-D{self.dim}-{self.align}"
