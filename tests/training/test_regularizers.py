@@ -510,7 +510,7 @@ import os, sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 from models import TINY_DIT
 import repa_fused as rf
 from test_regularizers import FakeEncoder, pixels
@@ -567,7 +567,7 @@ def test_ddp_two_ranks_with_zero_weight_steps(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), port=port))
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), here=str(Path(__file__).parent), port=port))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and "DDP OK" in done.stdout, done.stderr[-3000:]
