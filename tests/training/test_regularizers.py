@@ -316,7 +316,7 @@ class FakeCache:
 
 @pytest.fixture
 def fake_cache(monkeypatch, dinov2_dir):
-    import repa_fused
+    import repa_fused.training
     import repa_fused.training.encoders as encoders
 
     live = encoders.load_encoder(dinov2_dir, 28)  # the cache says what a live encoder would have used
@@ -325,7 +325,7 @@ def fake_cache(monkeypatch, dinov2_dir):
     module = types.ModuleType("repa_fused.training.cache")
     module.FeatureCache = FakeCache
     monkeypatch.setitem(sys.modules, "repa_fused.training.cache", module)
-    monkeypatch.setattr(repa_fused, "cache", module, raising=False)
+    monkeypatch.setattr(repa_fused.training, "cache", module, raising=False)
 
     def no_load(*a, **k):
         raise AssertionError("the encoder must not be loaded with a feature cache")
