@@ -43,13 +43,17 @@ def _inputs(case, device, dtype, seed):
     return case.inputs(device, dtype, seed)
 
 
+# The manifold term over other pairs, as the public API asks for it: op name -> pairs=.
+PAIRS_OF_OP = {"manifold": "tokens", "manifold_samples": "samples", "manifold_batch": "batch"}
+
+
 def _terms(op: str, backend: str, h, y, case):
     _, h_grid, y_grid, _, align = case
     kwargs = dict(h_grid=h_grid, y_grid=y_grid, align=align, reduction="none", backend=backend)
     if op == "cosine":
         return functional.cosine_alignment_loss(h, y, **kwargs).unsqueeze(0)
-    if op == "manifold":
-        return functional.manifold_loss(h, y, **kwargs).unsqueeze(0)
+    if op in PAIRS_OF_OP:
+        return functional.manifold_loss(h, y, pairs=PAIRS_OF_OP[op], **kwargs).unsqueeze(0)
     return torch.stack(functional.urepa_loss(h, y, **kwargs)[1:])
 
 
@@ -126,7 +130,7 @@ def run_checks(device=None, backends=None, log: Callable[[str], None] = lambda m
     names = [b for b in available if backends is None or b in backends]
     results = []
     for backend in names:
-        for op in dispatch.OP_NAMES:
+        for op in dispatch.OP_NAMES + dispatch.PAIR_OP_NAMES:
             results.append(check_gradcheck(backend, op, device))
             log(f"{backend} {op} gradcheck: {'ok' if results[-1].passed else 'FAILED'}")
             results.append(check_zero_vectors(backend, op, device))
