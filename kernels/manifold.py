@@ -49,7 +49,7 @@ from ._runtime import EPS, triton_interpreter
 
 ALGORITHMS = ("auto", "tiled", "gram")
 ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
-# The Gram path runs its FLOPs at this fraction of the Triton tiles' rate (H100, notes/manifold.md:
+# The Gram path runs its FLOPs at this fraction of the Triton tiles' rate (H100, docs/manifold.md:
 # its reductions and the projection pass eat cuBLAS's edge).
 GRAM_EFFICIENCY = 0.85
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)

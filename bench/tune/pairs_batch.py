@@ -9,7 +9,7 @@ Rows: fused (triton, or the backend given), eager bf16 (the trainer's loss in th
 (torch.compile of it), and the fp32 reference (labelled, not a baseline). Each: forward+backward GPU time
 by CUDA-graph replay where the variant can be captured (else CUDA events around eager calls: "timing"
 says which), host-inclusive time, peak extra memory, and the relative RMSE of loss and gradient against
-an fp64 Gram computation. Counted work (notes/pairs_irepa_encoders.md): eager does 2·(B·N)²·D FLOPs per
+an fp64 Gram computation. Counted work (docs/pairs_irepa_encoders.md): eager does 2·(B·N)²·D FLOPs per
 similarity matrix and pass; the Gram form 20·B·N·D² forward + backward (the floor "tflops_counted_gram"
 divides by).
 
