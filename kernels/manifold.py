@@ -1,6 +1,6 @@
 """U-REPA's manifold loss and the fused U-REPA loss in Triton, in one pass, with no N×N tensor.
 
-Math (DESIGN §1), per image b, N target tokens, Ĥ, Ŷ ∈ R^{N×D} the interpolated, normalised tokens:
+Math (docs/design.md), per image b, N target tokens, Ĥ, Ŷ ∈ R^{N×D} the interpolated, normalised tokens:
 
     L_man = (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² = (1/N²) ‖S_h − S_y‖²_F,   S_h = ĤĤᵀ, S_y = ŶŶᵀ
     ∂L_man/∂Ĥ = (4/N²)(S_h − S_y) Ĥ,   ∂L_man/∂Ŷ = −(4/N²)(S_h − S_y) Ŷ
