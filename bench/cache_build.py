@@ -115,7 +115,7 @@ def decode_rate(enc, folder: str, workers: int, count: int) -> float:
     """img/s of the build's decode + resize workers alone (its dataset and collate, no encoder)."""
     keys = cache_module.find_images(folder)[:count]
     loader = torch.utils.data.DataLoader(
-        cache_module._ImageFiles(folder, keys, cache_module._Preprocess(enc)), batch_size=cache_module._DECODE_CHUNK,
+        cache_module._ImageFiles(folder, keys, enc.preprocessor), batch_size=cache_module._DECODE_CHUNK,
         num_workers=workers, collate_fn=cache_module._collate, prefetch_factor=4 if workers else None)
     start = time.perf_counter()
     seen = sum(len(names) for groups, _ in loader for names, _ in groups)

@@ -32,13 +32,11 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 import tempfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -199,8 +197,17 @@ def main(argv=None) -> int:
                 return_dict=False)
     noisy = latents + noise
 
+    live = []  # the regularizer being timed: its projector lives beside the unet, not in it
+
     def zero_grad():
         unet.zero_grad(set_to_none=True)
+        for reg in live:
+            for p in reg.parameters():
+                p.grad = None
+
+    def build_reg(cfg, enc):
+        live[:] = [rf.build_regularizer(cfg, unet, encoder=enc)] if cfg is not None else []
+        return live[0] if live else None
 
     def step(reg=None, **source):
         pred = unet(noisy, **cond)[0]
@@ -268,7 +275,7 @@ def main(argv=None) -> int:
 
     for name, cfg, enc, make_source, queue in variants:
         log(f"timing {name}")
-        reg = rf.build_regularizer(cfg, unet, encoder=enc) if cfg is not None else None
+        reg = build_reg(cfg, enc)
         source = {}
         before = lambda make_source=make_source: (source.update(make_source()), zero_grad())  # noqa: E731
         try:
@@ -294,7 +301,7 @@ def main(argv=None) -> int:
     for rnd in range(args.reps + 1):  # round 0 warms up
         log(f"queued round {rnd}")
         for name, cfg, enc, make_source in queued:
-            reg = rf.build_regularizer(cfg, unet, encoder=enc) if cfg is not None else None
+            reg = build_reg(cfg, enc)
             try:
                 ms = timer.queued(lambda src: step(reg, **src), make_source, zero_grad, args.queue)
             finally:

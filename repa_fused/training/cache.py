@@ -28,11 +28,12 @@ Why it is made so:
   already has. Symbolic links to folders are followed (a link back into a folder being walked is not: no
   loops); hidden files and folders are left out.
 - Images become pixels as a trainer would load them (PIL, EXIF orientation applied, RGB, [0, 255] -> [-1, 1])
-  and then go through the live ``VisionEncoder.preprocess`` (bound to a model-free stand-in), in the
-  DataLoader's worker processes: decoding and resizing a 1024-px JPEG costs a CPU core tens of ms, so many
-  workers feed one GPU. The main process only batches (by encoder input size), runs the encoder at
-  ``batch_size`` (halved on a CUDA out-of-memory error) and quantises on the device; a writer thread takes
-  the device-to-host copies and writes the shards, so the disk overlaps the encoder.
+  and then go through the encoder's own ``ImagePreprocessor`` (``enc.preprocessor``: model-free, pickled to
+  the DataLoader's worker processes), so cached tokens equal ``encoder(pixels)``'s. Workers, because decoding
+  and resizing a 1024-px JPEG costs a CPU core tens of ms: many workers feed one GPU. The main process only
+  batches (by encoder input size), runs the encoder at ``batch_size`` (halved on a CUDA out-of-memory error)
+  and quantises on the device; a writer thread takes the device-to-host copies and writes the shards, so the
+  disk overlaps the encoder.
 - A shard holds at most ``shard_size`` images and is written to a temporary name, fsynced and renamed: it
   exists whole or not at all. A run that dies loses only the rows it had not written: the next run indexes
   every shard from its header and encodes only the keys still missing.
@@ -65,7 +66,6 @@ import sys
 import threading
 import time
 import traceback
-import types
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -74,7 +74,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .encoders import VisionEncoder
+from .encoders import ImagePreprocessor, feature_record, record_differences
 
 INDEX_FILE = "index.json"
 LOCK_FILE = ".repa_fused.lock"
@@ -96,8 +96,10 @@ SCALE_SUFFIX = ".scale"
 _READ_AS = {torch.float8_e4m3fn: torch.bfloat16}
 # How a file becomes pixels before the encoder's preprocessing: part of what the features depend on.
 IMAGE_LOADING = "PIL; EXIF orientation applied; RGB; uint8 [0, 255] -> [-1, 1]"
-# Metadata two runs into one cache must agree on (the package version may differ).
-_COMPARED = ("encoder", "image_size", "dtype", "preprocessing", "hidden_size", "image_loading")
+# Metadata two runs into one cache must agree on (the package version may differ): the encoder's feature
+# record (its name, size, preprocessing, model type, the prefix tokens it drops, width), storage and loading.
+_COMPARED = ("encoder", "image_size", "preprocessing", "model_type", "prefix_tokens", "hidden_size", "dtype",
+             "image_loading")
 _HEADER_KEY = "repa_fused"
 # The only names the cache writes: shards, and the temporary files shards and the index are written to.
 _SHARD_NAME = re.compile(r"[0-9a-f]{8}-r\d{3,}-\d{5,}\.safetensors")
@@ -174,8 +176,9 @@ class FeatureCache:
 
     ``get(keys, device=None, dtype=None) -> (tokens (B, N, D), grid (H, W))``; ``len(cache)``; ``key in cache``;
     ``keys()``; ``grid(key)``; ``close()``; ``dtype`` (what ``get`` returns by default: the stored dtype,
-    bfloat16 for a float8 cache); ``storage_dtype``; ``metadata`` (a dict: ``encoder``, ``image_size``,
-    ``dtype`` (stored), ``preprocessing``, ``hidden_size``, ``patch_size``, ``image_loading``, ``version``).
+    bfloat16 for a float8 cache); ``storage_dtype``; ``metadata`` (a dict: the encoder's ``feature_record``
+    (``encoder``, ``image_size``, ``preprocessing``, ``model_type``, ``prefix_tokens``, ``hidden_size``), ``dtype``
+    (stored), ``encoder_dtype``, ``patch_size``, ``image_loading``, ``version``).
     At most ``max_open_shards`` shard files stay memory-mapped at once (least recently used closed first).
     """
 
@@ -313,7 +316,7 @@ class FeatureCache:
         every row its header lists maps back to its own place, and the counts agree (so the map is one-to-one)."""
         rerun = ("it was replaced or overwritten since the index was written; rerun `repa-fused cache-features` "
                  "to re-index the folder from its shards")
-        diff = [k for k in _COMPARED if header["metadata"].get(k) != self._metadata.get(k)]
+        diff = record_differences(header["metadata"], self._metadata, _COMPARED)
         if diff:
             raise CacheError(f"feature cache shard {file} was made with other settings than the cache ({diff}): "
                              f"{rerun}")
@@ -449,28 +452,11 @@ def _scan(root: str, log) -> tuple[list[str], list[tuple[str, str]]]:
     return sorted(keys), unreadable
 
 
-class _Preprocess:
-    """``VisionEncoder.preprocess`` for the decode workers: the live method itself, bound to a stand-in that
-    holds what it reads of the encoder (sizes, pixel range, normalisation, the model's dtype) but not the model.
-    It pickles small and runs on the CPU, and cached tokens equal ``encoder(pixels)``'s by construction."""
-
-    preprocess = VisionEncoder.preprocess
-    input_size = VisionEncoder.input_size
-    _check_range = VisionEncoder._check_range
-    _range_text = VisionEncoder._range_text
-
-    def __init__(self, enc: VisionEncoder):
-        self.image_size, self.patch_size, self.aspect = enc.image_size, enc.patch_size, enc.aspect
-        self.pixel_range, self._range_checked = enc.pixel_range, False
-        self._mean, self._std = enc._mean.detach().cpu(), enc._std.detach().cpu()
-        self.model = types.SimpleNamespace(dtype=enc.model.dtype)
-
-
 class _ImageFiles(torch.utils.data.Dataset):
     """(key, (3, h, w) preprocessed in the encoder's dtype or None, None or why the file could not be read)."""
 
-    def __init__(self, root: str, keys: Sequence[str], preprocess: _Preprocess):
-        self.root, self.keys, self.preprocess = root, keys, preprocess
+    def __init__(self, root: str, keys: Sequence[str], preprocessor: ImagePreprocessor):
+        self.root, self.keys, self.preprocessor = root, keys, preprocessor
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -483,7 +469,7 @@ class _ImageFiles(torch.utils.data.Dataset):
             return key, None, f"{type(exc).__name__}: {exc}"
         # Contiguous first: the antialiased resize runs about twice as fast on (C, H, W) memory as on PIL's HWC.
         pixels = image.contiguous().float().div_(127.5).sub_(1.0)
-        return key, self.preprocess.preprocess(pixels[None])[0], None
+        return key, self.preprocessor.preprocess(pixels[None])[0], None
 
 
 def _collate(items) -> tuple[list, list]:
@@ -622,37 +608,18 @@ def _cpu_count() -> int:
 def _metadata(enc, storage: str) -> dict:
     from .._version import __version__
 
+    meta = feature_record(enc)
     # A local directory is recorded absolute: the cache outlives the working directory it was made from.
-    name = os.path.abspath(enc.name) if os.path.isdir(enc.name) else enc.name
-    meta = {"encoder": name, "image_size": int(enc.image_size), "dtype": str(STORAGE[storage][0]).split(".")[-1],
-            "encoder_dtype": str(enc.model.dtype).split(".")[-1], "preprocessing": enc.preprocessing,
-            "hidden_size": int(enc.hidden_size), "patch_size": int(enc.patch_size), "image_loading": IMAGE_LOADING,
-            "version": __version__}
+    meta["encoder"] = os.path.abspath(enc.name) if os.path.isdir(enc.name) else enc.name
+    meta.update(dtype=str(STORAGE[storage][0]).split(".")[-1], encoder_dtype=str(enc.model.dtype).split(".")[-1],
+                patch_size=int(enc.patch_size), image_loading=IMAGE_LOADING, version=__version__)
     if storage == "float8":
         meta["scale"] = f"per token: max |x| / {FLOAT8_MAX:g}, float32 tensor grid<H>x<W>{SCALE_SUFFIX}"
     return meta
 
 
-def _encoder_identity(name) -> Optional[str]:
-    """Names and aliases compare by hub id, folders by their real path; an unresolvable name as given."""
-    from .encoders import resolve_encoder_name
-
-    if name is None:
-        return None
-    try:
-        resolved = resolve_encoder_name(str(name))
-    except ValueError:
-        return str(name)
-    return os.path.realpath(resolved) if os.path.isdir(resolved) else resolved
-
-
 def _check_same(found: dict, wanted: dict, where: str) -> None:
-    def differs(k):
-        if k == "encoder":
-            return _encoder_identity(found.get(k)) != _encoder_identity(wanted[k])
-        return found.get(k) != wanted[k]
-
-    diff = [f"{k} {found.get(k)!r} (this run: {wanted[k]!r})" for k in _COMPARED if differs(k)]
+    diff = [f"{k} {found.get(k)!r} (this run: {wanted[k]!r})" for k in record_differences(found, wanted, _COMPARED)]
     if diff:
         raise ValueError(f"{where} was made with {'; '.join(diff)}: write this cache to another --out folder, or "
                          "run with the settings it was made with")
@@ -889,8 +856,9 @@ class _ShardWriter:
 
 @torch.inference_mode()
 def _patch_tokens(enc, x: torch.Tensor) -> torch.Tensor:
-    """VisionEncoder.forward after its preprocess: (B, 3, h, w) normalised -> (B, N, D) patch tokens."""
-    return enc.model(pixel_values=x).last_hidden_state[:, 1 + enc.num_register_tokens:]
+    """VisionEncoder.forward after its preprocess: (B, 3, h, w) normalised -> (B, N, D) patch tokens (the
+    encoder's own method, so each family's layout and dropped prefix are the live path's)."""
+    return enc.patch_tokens(x)
 
 
 def _encode(enc, device: torch.device, root: str, keys: Sequence[str], out: str, meta: dict, *, batch_size: int,
@@ -901,7 +869,7 @@ def _encode(enc, device: torch.device, root: str, keys: Sequence[str], out: str,
 
     stored = _stored_dtype(meta, "this run")
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(root, keys, _Preprocess(enc)), batch_size=_DECODE_CHUNK, num_workers=num_workers,
+        _ImageFiles(root, keys, enc.preprocessor), batch_size=_DECODE_CHUNK, num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
     chunks = iter(loader)  # the workers start here, before this process starts threads of its own
     writer = _ShardWriter(out, f"{uuid.uuid4().hex[:8]}-r{rank:03d}", meta, shard_size)

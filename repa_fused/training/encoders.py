@@ -24,16 +24,23 @@ The image size is the caller's ``image_size`` (the token grid is a training choi
 takes the preprocessor's size, else the model config's. SigLIP's learned position grid is interpolated when
 the size differs from its own; SigLIP2 (NaFlex) gets its patches and spatial shapes as its processor makes them.
 
+Steps 1-3 are an ``ImagePreprocessor`` (``enc.preprocessor``): model-free and picklable, so the feature
+cache's decode workers run the encoder's own. ``encoder_spec(name, ...)`` reads from the checkpoint's config
+files alone (no weights) what ``load_encoder`` would build: its preprocessor, ``model_type``, width and the
+prefix tokens it drops; ``feature_record`` of either is what a feature cache records and compares.
+
 Everything runs under ``torch.no_grad`` (not inference mode: the losses save the features for backward).
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional, Union
 
 import torch
@@ -102,6 +109,13 @@ _CLASS_NAMES = ", ".join(dict.fromkeys(f.model_class for f in ENCODER_FAMILIES.v
 # PIL's resample codes in preprocessor configs -> torch's filter (antialiased). Lanczos has no torch
 # counterpart: bicubic is the nearest smooth filter torch has.
 _RESAMPLE = {1: "bicubic", 2: "bilinear", 3: "bicubic"}
+_FILTERS = ("bilinear", "bicubic")
+# The published config.json / preprocessor_config.json facts of the DINOv2 checkpoints ENCODER_ALIASES names
+# (bicubic, ImageNet statistics, 518 px, patch 14, 4 registers), so that their spec needs no download: a run
+# on a feature cache checks it offline, and a widths lookup never waits on the network.
+_DINOV2_WIDTHS = {"small": 384, "base": 768, "large": 1024, "giant": 1536}
+_DINOV2_PREPROCESSOR = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "resample": 3,
+                        "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}
 
 
 def resolve_encoder_name(name_or_path: Union[str, os.PathLike]) -> str:
@@ -140,9 +154,16 @@ def read_preprocessor_config(resolved: str) -> dict:
         path = os.path.join(resolved, "preprocessor_config.json")
         path = path if os.path.isfile(path) else None
     else:
-        from transformers.utils import cached_file
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-        path = cached_file(resolved, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        try:
+            path = hf_hub_download(resolved, "preprocessor_config.json")
+        except LocalEntryNotFoundError as exc:  # offline and not cached: the defaults would be a silent guess
+            raise OSError(f"the preprocessor config of {resolved!r} is neither cached nor downloadable "
+                          f"({exc})") from exc
+        except EntryNotFoundError:  # the checkpoint has none
+            path = None
     if path is None:
         return {}
     with open(path) as fh:
@@ -168,6 +189,17 @@ def preprocessor_options(preprocessor: dict, family: EncoderFamily) -> dict:
             "size": int(size) if isinstance(size, int) else None}
 
 
+def _published_dinov2(resolved: str):
+    """(config, preprocessor config) of a DINOv2 hub id ENCODER_ALIASES names, as published; else None."""
+    if resolved not in ENCODER_ALIASES.values():
+        return None
+    registers = "-with-registers-" in resolved
+    config = SimpleNamespace(model_type="dinov2_with_registers" if registers else "dinov2", patch_size=14,
+                             hidden_size=_DINOV2_WIDTHS[resolved.rsplit("-", 1)[1]], image_size=518,
+                             num_register_tokens=4 if registers else 0)
+    return config, copy.deepcopy(_DINOV2_PREPROCESSOR)
+
+
 def _parse_range(pixel_range) -> tuple[float, float]:
     if isinstance(pixel_range, str) and pixel_range.replace(" ", "") in PIXEL_RANGES:
         return PIXEL_RANGES[pixel_range.replace(" ", "")]
@@ -176,66 +208,55 @@ def _parse_range(pixel_range) -> tuple[float, float]:
     raise ValueError(f"pixel_range must be '-1,1' (diffusers' convention) or '0,1', got {pixel_range!r}")
 
 
-class VisionEncoder(torch.nn.Module):
-    """A frozen encoder: ``enc(pixels) -> (patch tokens (B, N, D), grid (H, W))``; see the module docstring.
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    Attributes: ``name`` (hub id or directory), ``model_type``, ``hidden_size`` (D), ``patch_size``,
-    ``image_size``, ``num_register_tokens``, ``aspect``, ``pixel_range``, ``max_batch``, ``image_mean``,
-    ``image_std``, ``resample``, ``preprocessing`` (JSON-ready dict of what the features depend on; feature
-    caches compare it). Tokens come back in the model's dtype. ``image_mean``/``image_std``/``resample``:
-    None takes the family's defaults (load_encoder passes the preprocessor config's).
+
+def _channels(name: str, values, positive: bool) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        want = "positive numbers" if positive else "numbers"
+        raise ValueError(f"{name} must be 3 finite {want} (one per RGB channel), got {values!r}")
+    return out
+
+
+class ImagePreprocessor:
+    """Pixels -> encoder input, steps 1-3 of the module docstring: the part of an encoder without the model.
+
+    ``preprocess(pixels)``: (B, 3, H, W) in ``pixel_range`` -> (B, 3, h, w) normalised, (h, w) =
+    ``input_size(H, W)``, in ``dtype``. ``grid(H, W)``: the patch grid of the tokens. ``preprocessing``: the
+    JSON-ready record of what the features depend on here (feature caches record and compare it; the input
+    convention ``pixel_range`` and ``dtype`` are not in it). It holds no model and pickles small, so the
+    feature cache's decode workers run the encoder's own preprocessor: cached tokens equal ``encoder(pixels)``'s.
     """
 
-    def __init__(self, model: torch.nn.Module, image_size: Optional[int] = 518, *, name: Optional[str] = None,
-                 max_batch: Optional[int] = None, aspect: str = "square", pixel_range="-1,1",
-                 image_mean: Optional[tuple] = None, image_std: Optional[tuple] = None,
-                 resample: str = "bilinear"):
-        super().__init__()
-        config = getattr(model, "config", None)
-        family = ENCODER_FAMILIES.get(getattr(config, "model_type", None))
-        if family is None or type(model).__name__ != family.model_class:
-            raise TypeError(f"VisionEncoder wraps a transformers {_CLASS_NAMES}, got {type(model).__name__}")
-        if image_size is None:
-            image_size = native_image_size(config)
-        if resample not in ("bilinear", "bicubic"):
-            raise ValueError(f"resample must be 'bilinear' or 'bicubic', got {resample!r}")
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < config.patch_size:
-            raise ValueError(f"image_size must be an int ≥ the patch size {config.patch_size}, got {image_size!r}")
+    def __init__(self, image_size: int, patch_size: int, *, aspect: str = "square", pixel_range="-1,1",
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, resample: str = "bilinear", dtype: torch.dtype = torch.float32):
+        if not _is_int(patch_size) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        if not _is_int(image_size) or image_size < patch_size:
+            raise ValueError(f"image_size must be an int ≥ the patch size {patch_size}, got {image_size!r}")
         if aspect not in ASPECTS:
             raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-            raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
-        self.model = model.eval().requires_grad_(False)
-        self.name = name or getattr(config, "_name_or_path", "") or type(model).__name__
-        self.image_size = image_size
-        self.patch_size = int(config.patch_size)
-        self.hidden_size = int(config.hidden_size)
-        self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
-        self.model_type = config.model_type
-        # Tokens ahead of the patches in last_hidden_state: the CLS, then the registers (none for SigLIP).
-        self._prefix_tokens = 1 + self.num_register_tokens if family.has_cls else 0
-        self.image_mean = tuple(image_mean or family.mean)
-        self.image_std = tuple(image_std or family.std)
-        self.resample = resample
-        self.aspect = aspect
+        if resample not in _FILTERS:
+            raise ValueError(f"resample must be one of {_FILTERS}, got {resample!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype (the model's), got {dtype!r}")
+        self.image_size, self.patch_size, self.aspect, self.resample = image_size, patch_size, aspect, resample
         self.pixel_range = _parse_range(pixel_range)
-        self.max_batch = max_batch
+        self.mean, self.std = _channels("mean", mean, positive=False), _channels("std", std, positive=True)
+        self.dtype = dtype  # a VisionEncoder keeps it its model's dtype
         self._range_checked = False
-        self.register_buffer("_mean", torch.tensor(self.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(self.image_std).view(1, 3, 1, 1), persistent=False)
-        self.train(False)
+        self._stats: dict = {}  # device -> (mean, std) as (1, 3, 1, 1) float32 tensors, copied there once
 
     @property
     def preprocessing(self) -> dict:
-        # getattr: the regularizers predict a DINOv2 record from (image_size, aspect, patch_size) alone.
-        return {"resize": getattr(self, "resample", "bilinear"), "antialias": True, "image_size": self.image_size,
-                "aspect": self.aspect, "patch_size": self.patch_size,
-                "mean": list(getattr(self, "image_mean", IMAGENET_MEAN)),
-                "std": list(getattr(self, "image_std", IMAGENET_STD)), "tokens": "patch", "layernorm": True}
-
-    def train(self, mode: bool = True):
-        # Frozen: a parent's .train() must not switch the encoder out of eval mode.
-        return super().train(False)
+        return {"resize": self.resample, "antialias": True, "image_size": self.image_size, "aspect": self.aspect,
+                "patch_size": self.patch_size, "mean": list(self.mean), "std": list(self.std), "tokens": "patch",
+                "layernorm": True}
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the encoder sees for an (height, width) image."""
@@ -251,7 +272,8 @@ class VisionEncoder(torch.nn.Module):
         return h // self.patch_size, w // self.patch_size
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in ``pixel_range`` -> (B, 3, h, w) normalised at the encoder size, in the model's dtype."""
+        """(B, 3, H, W) in ``pixel_range`` -> (B, 3, h, w) normalised at the encoder size, in ``dtype``, on the
+        pixels' device."""
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"pixels must be a (B, 3, H, W) image tensor, got {shape}")
@@ -266,35 +288,14 @@ class VisionEncoder(torch.nn.Module):
             x = F.interpolate(x, size=size, mode=self.resample, align_corners=False, antialias=True)
             if self.resample == "bicubic":  # bicubic overshoots; the processors' 8-bit images cannot
                 x = x.clamp(0.0, 1.0)
-        x = (x - self._mean.to(x.device)) / self._std.to(x.device)
-        return x.to(self.model.dtype)
+        mean, std = self._device_stats(x.device)
+        return ((x - mean) / std).to(self.dtype)
 
-    @torch.no_grad()
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, 3, H, W) images in ``pixel_range`` -> (patch tokens (B, N, D), grid (H_p, W_p)), N = H_p·W_p."""
-        x = self.preprocess(pixels.to(self._mean.device))
-        chunks = [x] if self.max_batch is None else x.split(self.max_batch)
-        tokens = torch.cat([self._patch_tokens(c) for c in chunks])
-        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
-        return tokens, grid
-
-    def _patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, 3, h, w) preprocessed -> (b, N, D) patch tokens of the model's last hidden state."""
-        if self.model_type == "siglip2_vision_model":
-            # NaFlex: flattened patches (channels last within a patch, as its processor lays them out), the
-            # patch grid per image, every patch valid; the model resizes its position grid to that shape.
-            p, (b, c, h, w) = self.patch_size, x.shape
-            gh, gw = h // p, w // p
-            patches = (x[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)
-                       .reshape(b, gh * gw, p * p * c))
-            shapes = torch.tensor([[gh, gw]] * b, device=x.device)
-            mask = torch.ones(b, gh * gw, dtype=torch.int32, device=x.device)
-            return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
-        if self.model_type == "siglip_vision_model":
-            native = int(self.model.config.image_size)  # its learned position grid is for this size only
-            return self.model(pixel_values=x, interpolate_pos_encoding=tuple(x.shape[2:]) != (native, native)
-                              ).last_hidden_state
-        return self.model(pixel_values=x).last_hidden_state[:, self._prefix_tokens:]
+    def _device_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made once per device: a host-to-device copy each call would wait for the device's queue.
+        if device not in self._stats:
+            self._stats[device] = tuple(torch.tensor(v).view(1, 3, 1, 1).to(device) for v in (self.mean, self.std))
+        return self._stats[device]
 
     def _range_text(self) -> str:
         lo, hi = self.pixel_range
@@ -311,9 +312,208 @@ class VisionEncoder(torch.nn.Module):
                              "pixel_range='0,1' / '-1,1' to load_encoder to match your data")
         self._range_checked = True
 
+    def __getstate__(self):
+        # Device copies stay behind: a decode worker makes its own on first use.
+        return {**self.__dict__, "_stats": {}}
+
+    def __repr__(self) -> str:
+        return (f"ImagePreprocessor(image_size={self.image_size}, patch_size={self.patch_size}, "
+                f"aspect={self.aspect!r}, resample={self.resample!r}, mean={self.mean}, std={self.std}, "
+                f"pixel_range={self.pixel_range}, dtype={self.dtype})")
+
+
+def _from_preprocessor(attr: str) -> property:
+    """A read-only attribute of an encoder (or spec) that is its preprocessor's ``attr``: one owner, no copy."""
+    return property(lambda self: getattr(self.preprocessor, attr), doc=f"``preprocessor.{attr}``")
+
+
+def _prefix_tokens(config) -> int:
+    """Tokens ahead of the patches in last_hidden_state: the CLS, then the registers (none for SigLIP)."""
+    family = ENCODER_FAMILIES[config.model_type]
+    return 1 + int(getattr(config, "num_register_tokens", 0) or 0) if family.has_cls else 0
+
+
+@dataclass
+class EncoderSpec:
+    """What ``load_encoder`` would build, read from the checkpoint's config files alone (``encoder_spec``): the
+    attributes a ``VisionEncoder`` has that its features depend on, without its weights."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    prefix_tokens: int
+    preprocessor: ImagePreprocessor
+
+    patch_size = _from_preprocessor("patch_size")
+    image_size = _from_preprocessor("image_size")
+    preprocessing = _from_preprocessor("preprocessing")
+
+
+class VisionEncoder(torch.nn.Module):
+    """A frozen encoder: ``enc(pixels) -> (patch tokens (B, N, D), grid (H, W))``; see the module docstring.
+
+    ``preprocessor``: its ``ImagePreprocessor`` (steps 1-3); ``image_size``, ``patch_size``, ``aspect``,
+    ``pixel_range``, ``resample``, ``image_mean``, ``image_std``, ``preprocessing`` (JSON-ready dict of what the
+    features depend on; feature caches compare it), ``input_size``, ``grid`` and ``preprocess`` are its.
+    Attributes of its own: ``name`` (hub id or directory), ``model_type``, ``hidden_size`` (D),
+    ``num_register_tokens``, ``prefix_tokens`` (dropped ahead of the patches), ``max_batch``. Tokens come back
+    in the model's dtype (the preprocessor's output follows ``.to(dtype)``). ``image_mean``/``image_std``: None
+    takes the family's defaults (load_encoder passes the preprocessor config's).
+    """
+
+    image_size = _from_preprocessor("image_size")
+    patch_size = _from_preprocessor("patch_size")
+    aspect = _from_preprocessor("aspect")
+    pixel_range = _from_preprocessor("pixel_range")
+    resample = _from_preprocessor("resample")
+    image_mean = _from_preprocessor("mean")
+    image_std = _from_preprocessor("std")
+    preprocessing = _from_preprocessor("preprocessing")
+
+    def __init__(self, model: torch.nn.Module, image_size: Optional[int] = 518, *, name: Optional[str] = None,
+                 max_batch: Optional[int] = None, aspect: str = "square", pixel_range="-1,1",
+                 image_mean: Optional[tuple] = None, image_std: Optional[tuple] = None,
+                 resample: str = "bilinear"):
+        super().__init__()
+        config = getattr(model, "config", None)
+        family = ENCODER_FAMILIES.get(getattr(config, "model_type", None))
+        if family is None or type(model).__name__ != family.model_class:
+            raise TypeError(f"VisionEncoder wraps a transformers {_CLASS_NAMES}, got {type(model).__name__}")
+        if max_batch is not None and (not _is_int(max_batch) or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
+        self.preprocessor = ImagePreprocessor(
+            native_image_size(config) if image_size is None else image_size, int(config.patch_size), aspect=aspect,
+            pixel_range=pixel_range, mean=family.mean if image_mean is None else image_mean,
+            std=family.std if image_std is None else image_std, resample=resample, dtype=model.dtype)
+        self.model = model.eval().requires_grad_(False)
+        self.name = name or getattr(config, "_name_or_path", "") or type(model).__name__
+        self.hidden_size = int(config.hidden_size)
+        self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.model_type = config.model_type
+        self.prefix_tokens = _prefix_tokens(config)
+        self.max_batch = max_batch
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        # Frozen: a parent's .train() must not switch the encoder out of eval mode.
+        return super().train(False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .half(), .bfloat16() change what the model takes: the preprocessor's output follows.
+        module = super()._apply(fn, recurse)
+        self.preprocessor.dtype = self.model.dtype
+        return module
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the encoder sees for an (height, width) image."""
+        return self.preprocessor.input_size(height, width)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (H, W) of the tokens for an (height, width) image."""
+        return self.preprocessor.grid(height, width)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in ``pixel_range`` -> (B, 3, h, w) normalised at the encoder size, in the model's dtype."""
+        return self.preprocessor.preprocess(pixels)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H, W) images in ``pixel_range`` -> (patch tokens (B, N, D), grid (H_p, W_p)), N = H_p·W_p."""
+        x = self.preprocess(pixels.to(self.model.device) if isinstance(pixels, torch.Tensor) else pixels)
+        chunks = [x] if self.max_batch is None else x.split(self.max_batch)
+        tokens = torch.cat([self.patch_tokens(c) for c in chunks])
+        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+        return tokens, grid
+
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, 3, h, w) preprocessed (``preprocess``'s output) -> (b, N, D) patch tokens of the model's last hidden
+        state, the ``prefix_tokens`` dropped. Autograd as the caller has it (``forward`` runs it under no_grad)."""
+        if self.model_type == "siglip2_vision_model":
+            # NaFlex: flattened patches (channels last within a patch, as its processor lays them out), the
+            # patch grid per image, every patch valid; the model resizes its position grid to that shape.
+            p, (b, c, h, w) = self.patch_size, x.shape
+            gh, gw = h // p, w // p
+            patches = (x[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)
+                       .reshape(b, gh * gw, p * p * c))
+            shapes = torch.tensor([[gh, gw]] * b, device=x.device)
+            mask = torch.ones(b, gh * gw, dtype=torch.int32, device=x.device)
+            return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+        if self.model_type == "siglip_vision_model":
+            native = int(self.model.config.image_size)  # its learned position grid is for this size only
+            return self.model(pixel_values=x, interpolate_pos_encoding=tuple(x.shape[2:]) != (native, native)
+                              ).last_hidden_state
+        return self.model(pixel_values=x).last_hidden_state[:, self.prefix_tokens:]
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, image_size={self.image_size}, aspect={self.aspect!r}, "
                 f"hidden_size={self.hidden_size}, patch_size={self.patch_size}")
+
+
+def feature_record(encoder) -> dict:
+    """What an encoder's tokens depend on besides the image (feature caches record it; a cache is used only with
+    an encoder of the same record): ``encoder`` (its name), ``image_size``, ``preprocessing``, ``model_type``,
+    ``prefix_tokens`` and ``hidden_size`` of a ``VisionEncoder`` or an ``EncoderSpec``."""
+    return {"encoder": encoder.name, "image_size": int(encoder.image_size), "preprocessing": encoder.preprocessing,
+            "model_type": encoder.model_type, "prefix_tokens": int(encoder.prefix_tokens),
+            "hidden_size": int(encoder.hidden_size)}
+
+
+def encoder_identity(name) -> Optional[str]:
+    """What an encoder name means, to compare two: names and aliases by hub id, folders by their real path; an
+    unresolvable name as given; None stays None."""
+    if name is None:
+        return None
+    try:
+        resolved = resolve_encoder_name(str(name))
+    except ValueError:
+        return str(name)
+    return os.path.realpath(resolved) if os.path.isdir(resolved) else resolved
+
+
+def record_differences(found: dict, wanted: dict, keys=None) -> list[str]:
+    """The keys of ``wanted`` (or ``keys``) on which the record ``found`` differs (a key one record lacks is
+    None there: a cache from before a field was recorded differs from any value); encoders by identity."""
+    def same(key):
+        if key == "encoder":
+            return encoder_identity(found.get(key)) == encoder_identity(wanted.get(key))
+        return found.get(key) == wanted.get(key)
+
+    return [key for key in (wanted if keys is None else keys) if not same(key)]
+
+
+def encoder_spec(name_or_path: Union[str, os.PathLike] = "dinov2_vitg14", image_size: Optional[int] = 518, *,
+                 aspect: str = "square", pixel_range="-1,1", dtype: torch.dtype = torch.float32) -> EncoderSpec:
+    """The ``EncoderSpec`` of ``load_encoder(name_or_path, image_size, aspect=..., pixel_range=..., dtype=...)``
+    from the checkpoint's ``config.json`` and ``preprocessor_config.json`` alone: no weights are read, and the
+    DINOv2 names need no download (their published configs are known). Raises ValueError for an unsupported
+    checkpoint or bad arguments, OSError when a hub checkpoint's files cannot be fetched."""
+    resolved = resolve_encoder_name(name_or_path)
+    config, preprocessor = _checkpoint_configs(resolved)
+    family = ENCODER_FAMILIES[config.model_type]
+    options = preprocessor_options(preprocessor, family)
+    if image_size is None:
+        image_size = options["size"] or native_image_size(config)
+    return EncoderSpec(
+        name=resolved, model_type=config.model_type, hidden_size=int(config.hidden_size),
+        prefix_tokens=_prefix_tokens(config),
+        preprocessor=ImagePreprocessor(image_size, int(config.patch_size), aspect=aspect, pixel_range=pixel_range,
+                                       mean=options["image_mean"], std=options["image_std"],
+                                       resample=options["resample"], dtype=dtype))
+
+
+def _checkpoint_configs(resolved: str) -> tuple:
+    """(the vision model's config, the preprocessor config dict) of a resolved checkpoint, weights unread."""
+    published = _published_dinov2(resolved)
+    if published is not None:
+        return published
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(resolved, trust_remote_code=False)
+    if config.model_type not in ENCODER_FAMILIES:
+        raise ValueError(f"{resolved!r} is a {config.model_type!r} checkpoint; load_encoder supports DINOv2, "
+                         f"DINOv3 ViT, SigLIP and SigLIP2 (model_type one of {sorted(ENCODER_FAMILIES)})")
+    # A full SigLIP/SigLIP2 checkpoint: the vision tower's part, as its vision model class loads it.
+    return getattr(config, "vision_config", config), read_preprocessor_config(resolved)
 
 
 def load_encoder(name_or_path: Union[str, os.PathLike] = "dinov2_vitg14", image_size: Optional[int] = 518, *,
@@ -326,23 +526,17 @@ def load_encoder(name_or_path: Union[str, os.PathLike] = "dinov2_vitg14", image_
     the model config's. ``dtype``: the model's weights (default float32; bfloat16 halves the memory of ViT-g
     on GPU). ``max_batch``: encode at most this many images per model call, to bound activation memory.
     ``pixel_range``: "-1,1" (default) or "0,1". Normalisation and resize filter: the checkpoint's
-    preprocessor config when it has one (module docstring).
+    preprocessor config when it has one (module docstring). Its preprocessing is ``encoder_spec``'s (the same
+    arguments), so what a cache or a config predicts without the weights is what this builds.
     """
     import transformers
 
-    resolved = resolve_encoder_name(name_or_path)
-    config = transformers.AutoConfig.from_pretrained(resolved, trust_remote_code=False)
-    family = ENCODER_FAMILIES.get(config.model_type)
-    if family is None:
-        raise ValueError(f"{resolved!r} is a {config.model_type!r} checkpoint; load_encoder supports DINOv2, "
-                         f"DINOv3 ViT, SigLIP and SigLIP2 (model_type one of {sorted(ENCODER_FAMILIES)})")
+    dtype = dtype or torch.float32
+    spec = encoder_spec(name_or_path, image_size, aspect=aspect, pixel_range=pixel_range, dtype=dtype)
     # The class loads its own config: for a full SigLIP checkpoint, the vision tower's part of it.
-    model = getattr(transformers, family.model_class).from_pretrained(resolved, dtype=dtype or torch.float32,
-                                                                      trust_remote_code=False)
-    options = preprocessor_options(read_preprocessor_config(resolved), family)
-    if image_size is None:
-        image_size = options["size"] or native_image_size(model.config)
-    encoder = VisionEncoder(model, image_size, name=resolved, max_batch=max_batch, aspect=aspect,
-                            pixel_range=pixel_range, image_mean=options["image_mean"],
-                            image_std=options["image_std"], resample=options["resample"])
+    model = getattr(transformers, ENCODER_FAMILIES[spec.model_type].model_class).from_pretrained(
+        spec.name, dtype=dtype, trust_remote_code=False)
+    p = spec.preprocessor
+    encoder = VisionEncoder(model, p.image_size, name=spec.name, max_batch=max_batch, aspect=p.aspect,
+                            pixel_range=p.pixel_range, image_mean=p.mean, image_std=p.std, resample=p.resample)
     return encoder.to(device) if device is not None else encoder

@@ -27,7 +27,6 @@ alike. Logs are tensors (no host sync per step); ``float(v)`` them when you log.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import weakref
@@ -41,13 +40,11 @@ from .. import ops
 from . import irepa
 from .capture import attach_capture
 from .config import Config, RepaConfig, URepaConfig, load_config
+from .encoders import encoder_spec, feature_record, record_differences
 from .schedule import CoefficientSchedule, DeferredRead
 
 Grid = tuple[int, int]
 logger = logging.getLogger("repa_fused")
-
-# Patch-token width of the DINOv2 checkpoints, so the projector can be built before the encoder is loaded.
-_DINOV2_WIDTH = {"small": 384, "base": 768, "large": 1024, "giant": 1536}
 
 
 def build_projector(kind: str, in_width: int, out_width: int, hidden: int = 2048) -> nn.Module:
@@ -513,79 +510,32 @@ def build_regularizer(config: Union[dict, str, os.PathLike, argparse.Namespace, 
 
 
 def _target_width(cfg, encoder, cache) -> int:
-    """D, the encoder's token width, known before the encoder is loaded (or without it, with a cache)."""
+    """D, the encoder's token width, known before the encoder is loaded (or without it, with a cache): from its
+    config alone (``encoder_spec``; no download for the DINOv2 names)."""
     if encoder is not None:
         return int(encoder.hidden_size)
     if cache is not None and cache.metadata.get("hidden_size") is not None:
         return int(cache.metadata["hidden_size"])
-    return encoder_geometry(cache.metadata["encoder"] if cache is not None else cfg.model)[0]
-
-
-def encoder_geometry(name_or_path: str) -> tuple[int, int]:
-    """(hidden_size, patch_size) of an encoder from its name or config alone: no weights, and no download
-    for the DINOv2 checkpoints load_encoder names."""
-    from .encoders import ENCODER_ALIASES, resolve_encoder_name
-
-    resolved = resolve_encoder_name(name_or_path)
-    if resolved in ENCODER_ALIASES.values():
-        return _DINOV2_WIDTH[resolved.rsplit("-", 1)[1]], 14
-    if os.path.isdir(resolved):
-        config_path = os.path.join(resolved, "config.json")
-        if not os.path.isfile(config_path):
-            raise ValueError(f"encoder directory {resolved!r} has no config.json")
-        with open(config_path) as fh:
-            config = json.load(fh)
-        return int(config["hidden_size"]), int(config["patch_size"])
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolved)
-    return int(config.hidden_size), int(config.patch_size)
+    return encoder_spec(cache.metadata["encoder"] if cache is not None else cfg.model).hidden_size
 
 
 def _open_cache(cfg, encoder):
-    """The FeatureCache at ``*_feature_cache``, checked against the encoder the config (or caller) names."""
+    """The FeatureCache at ``*_feature_cache``, checked against the encoder the config (or caller) names: its
+    ``feature_record`` (predicted from the checkpoint's config files when not loaded) must be the cache's."""
     from . import cache as cache_module
 
     cache = cache_module.FeatureCache(cfg.feature_cache)
     meta, p = cache.metadata, cfg.PREFIX
     if encoder is not None:
-        name, size, preprocessing = encoder.name, int(encoder.image_size), encoder.preprocessing
-        name_from = size_from = "the encoder passed"
+        wanted = feature_record(encoder)
+        sources = dict.fromkeys(("encoder", "image_size"), "the encoder passed")
     else:
-        name, size = cfg.model, cfg.encoder_image_size
-        preprocessing = _expected_preprocessing(cfg.model, size, cfg.encoder_aspect)
-        name_from, size_from = f"{p}model", f"{p}encoder_image_size"
-    problems = []
-    if _canonical_encoder(meta.get("encoder")) != _canonical_encoder(name):
-        problems.append(f"encoder {meta.get('encoder')!r} (wanted: {name!r}, from {name_from})")
-    if meta.get("image_size") != size:
-        problems.append(f"image size {meta.get('image_size')!r} (wanted: {size}, from {size_from})")
-    if meta.get("preprocessing") != preprocessing:
-        problems.append(f"preprocessing {meta.get('preprocessing')!r} (wanted: {preprocessing!r})")
+        spec = encoder_spec(cfg.model, cfg.encoder_image_size, aspect=cfg.encoder_aspect)
+        wanted = {**feature_record(spec), "encoder": cfg.model}  # named as the config names it
+        sources = {"encoder": f"{p}model", "image_size": f"{p}encoder_image_size"}
+    problems = [f"{key.replace('_', ' ')} {meta.get(key)!r} (wanted: {wanted[key]!r}"
+                + (f", from {sources[key]})" if key in sources else ")") for key in record_differences(meta, wanted)]
     if problems:
         raise ValueError(f"feature cache {cfg.feature_cache!r} was made with " + "; ".join(problems)
                          + ": rebuild it with repa-fused cache-features or change the config to match")
     return cache
-
-
-def _expected_preprocessing(name: str, image_size: int, aspect: str) -> dict:
-    """The ``preprocessing`` record of the encoder load_encoder would build, without loading it."""
-    from types import SimpleNamespace
-
-    from .encoders import VisionEncoder
-
-    patch = encoder_geometry(name)[1]
-    return VisionEncoder.preprocessing.fget(SimpleNamespace(image_size=image_size, aspect=aspect, patch_size=patch))
-
-
-def _canonical_encoder(name) -> Optional[str]:
-    """Hub id for names and aliases, the real path for directories; unresolvable names compare as given."""
-    if name is None:
-        return None
-    from .encoders import resolve_encoder_name
-
-    try:
-        resolved = resolve_encoder_name(str(name))
-    except ValueError:
-        return str(name)
-    return os.path.realpath(resolved) if os.path.isdir(resolved) else resolved

@@ -14,6 +14,7 @@ import pytest
 import torch
 from models import TINY_DIT, tiny_dinov2
 from PIL import Image, ImageOps
+from test_encoders import _tiny_new_encoder
 
 import repa_fused as rf
 from repa_fused.training import cache as cache_module
@@ -59,9 +60,9 @@ def dinov2_dir(tmp_path_factory):
     return tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
 
 
-def build(images, out, dinov2_dir, **kw):
+def build(images, out, dinov2_dir, image_size=SIZE, **kw):
     kw = {"batch_size": 2, "device": "cpu", "num_workers": 0, "progress": False, "log": lambda m: None, **kw}
-    return cache_features(images, out, dinov2_dir, SIZE, **kw)
+    return cache_features(images, out, dinov2_dir, image_size, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,7 @@ def test_cached_tokens_equal_the_live_encoder(images, dinov2_dir, tmp_path, dtyp
     assert meta["encoder"] == os.path.abspath(dinov2_dir) and meta["image_size"] == SIZE
     assert meta["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     assert meta["preprocessing"] == live.preprocessing and meta["hidden_size"] == 16
+    assert meta["model_type"] == "dinov2" and meta["prefix_tokens"] == 1
     assert meta["version"] == rf.__version__
     grids = set()
     for key in GOOD:
@@ -116,6 +118,20 @@ def test_cached_tokens_equal_the_live_encoder(images, dinov2_dir, tmp_path, dtyp
         torch.testing.assert_close(tokens, want, **tol)
         grids.add(grid)
     assert grids == ({(4, 4)} if aspect == "square" else {(4, 4), (3, 5), (3, 6), (5, 3)})
+
+
+@pytest.mark.parametrize("kind", ["dinov3", "siglip", "siglip2"])
+def test_other_families_cache_the_live_tokens(kind, images, tmp_path):
+    """DINOv3 (5 prefix tokens), SigLIP (none), SigLIP2 (NaFlex patches), a bicubic preprocessor config."""
+    pre = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "resample": 3}
+    path = _tiny_new_encoder(kind, tmp_path / "enc", pre)
+    build(images, tmp_path / "c", path, image_size=32, dtype="fp32")
+    cache, live = FeatureCache(tmp_path / "c"), load_encoder(path, 32)
+    assert {k: cache.metadata[k] for k in ("model_type", "prefix_tokens")} == {
+        "model_type": live.model_type, "prefix_tokens": live.prefix_tokens}
+    assert cache.metadata["preprocessing"]["resize"] == "bicubic"
+    for key in GOOD:
+        torch.testing.assert_close(cache.get([key])[0], live_tokens(live, images, key)[0])
 
 
 def test_batch_get_stacks_rows_in_key_order(square):
@@ -204,6 +220,18 @@ def test_a_cache_made_otherwise_is_not_extended(square, images, dinov2_dir, tmp_
         cache_features(images, out, dinov2_dir, 35, device="cpu", num_workers=0, progress=False)
     with pytest.raises(ValueError, match="dtype 'bfloat16' \\(this run: 'float32'\\)"):
         build(images, out, dinov2_dir, dtype="fp32")
+
+
+def test_another_checkpoint_in_the_same_folder_is_not_mixed_in(tmp_path):
+    folder, enc, out = tmp_path / "images", str(tmp_path / "enc"), tmp_path / "cache"
+    _image(folder / "one.png", (28, 28))
+    tiny_dinov2(enc)
+    build(folder, out, enc)
+    tiny_dinov2(enc, registers=True)  # same name, features with other tokens dropped
+    _image(folder / "two.png", (28, 28))
+    with pytest.raises(ValueError, match="was made with model_type 'dinov2' \\(this run: 'dinov2_with_registers'\\); "
+                                         "prefix_tokens 1 \\(this run: 3\\): write this cache to another --out"):
+        build(folder, out, enc)
 
 
 # -- two processes --------------------------------------------------------------------------------------------
@@ -344,3 +372,18 @@ def test_regularizer_reads_a_real_cache(square, dinov2_dir):
     assert torch.isfinite(loss) and reg.encoder is None
     with pytest.raises(ValueError, match="was made with .*preprocessing"):
         rf.build_regularizer({**config, "crepa_encoder_aspect": "preserve"}, TINY_DIT["dit"]().model)
+
+
+def test_regularizer_predicts_the_preprocessor_config_without_weights(tmp_path, monkeypatch):
+    """A checkpoint whose preprocessor config says bicubic and its own statistics (as DINOv2's real ones do):
+    the config alone predicts the cache's record, and the encoder is never loaded."""
+    folder, enc = tmp_path / "images", tiny_dinov2(tmp_path / "enc")
+    (tmp_path / "enc" / "preprocessor_config.json").write_text(json.dumps(
+        {"resample": 3, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]}))
+    _image(folder / "one.png", (40, 30))
+    build(folder, tmp_path / "c", enc)
+    monkeypatch.setattr("repa_fused.training.encoders.load_encoder", None)  # a load would fail loudly
+    config = {"crepa_enabled": True, "crepa_block_index": 1, "crepa_model": enc, "crepa_encoder_image_size": SIZE,
+              "crepa_feature_cache": str(tmp_path / "c")}
+    reg = rf.build_regularizer(config, TINY_DIT["dit"]().model)
+    assert reg.feature_cache.metadata["preprocessing"]["resize"] == "bicubic" and reg.encoder is None

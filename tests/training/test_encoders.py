@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import socket
 
 import pytest
@@ -10,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from models import tiny_dinov2
 
-from repa_fused.training.encoders import (ENCODER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, VisionEncoder, load_encoder,
-                                 resolve_encoder_name)
+import repa_fused.training.encoders as encoders
+from repa_fused.training.encoders import (ENCODER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor,
+                                          VisionEncoder, encoder_spec, feature_record, load_encoder,
+                                          resolve_encoder_name)
 
 pytest.importorskip("transformers")
 
@@ -183,8 +187,6 @@ def test_real_name_dinov2_vits14():
 
 def _tiny_new_encoder(kind: str, directory, preprocessor: dict = None) -> str:
     """A random DINOv3 ViT / SigLIP / SigLIP2 vision model (patch 8, width 16) saved by save_pretrained."""
-    import json
-
     import transformers
 
     common = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=8)
@@ -264,3 +266,86 @@ def test_new_names_resolve():
     assert resolve_encoder_name("SIGLIP2_so400m_patch16_naflex") == "google/siglip2-so400m-patch16-naflex"
     with pytest.raises(ValueError, match="did you mean dinov3_vitb16"):
         resolve_encoder_name("dinov3_vitb14")
+
+
+# -- the preprocessor and the spec: what the features depend on, without the model --------------------------
+
+
+def test_the_preprocessor_is_the_encoders_and_pickles(checkpoint):
+    enc = load_encoder(checkpoint[0], 28, aspect="preserve", pixel_range="0,1")
+    p = enc.preprocessor
+    assert isinstance(p, ImagePreprocessor) and "model" not in vars(p)
+    assert (enc.image_size, enc.patch_size, enc.aspect, enc.pixel_range, enc.resample, enc.image_mean, enc.image_std) \
+        == (p.image_size, p.patch_size, p.aspect, p.pixel_range, p.resample, p.mean, p.std)
+    assert enc.preprocessing == p.preprocessing and enc.grid(40, 60) == p.grid(40, 60) == (3, 5)
+    x = _pixels(2, 40, 60).add(1).div(2)
+    copy = pickle.loads(pickle.dumps(p))  # what a spawned decode worker gets
+    assert torch.equal(copy.preprocess(x), enc.preprocess(x))
+    enc.to(torch.bfloat16)  # the output follows the model's dtype
+    assert enc.preprocess(x).dtype == torch.bfloat16 and enc(x)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(patch_size=0), "patch_size must be a positive int, got 0"),
+    (dict(image_size=5), "image_size must be an int ≥ the patch size 7, got 5"),
+    (dict(aspect="crop"), "aspect must be one of"),
+    (dict(resample="nearest"), "resample must be one of .*'nearest'"),
+    (dict(mean=(0.5, 0.5)), "mean must be 3 finite numbers"),
+    (dict(std=(0.5, 0.0, 0.5)), "std must be 3 finite positive numbers"),
+    (dict(dtype=torch.int64), "dtype must be a floating torch dtype"),
+    (dict(pixel_range="0,255"), "pixel_range must be"),
+])
+def test_preprocessor_errors_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ImagePreprocessor(**{"image_size": 28, "patch_size": 7, **kwargs})
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "with_registers", "dinov3", "siglip_full", "siglip2"])
+def test_spec_without_weights_is_what_load_encoder_builds(kind, tmp_path, monkeypatch):
+    bicubic = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "resample": 3,
+               "size": {"height": 24, "width": 24}}
+    if kind in ("dinov2", "with_registers"):
+        path = tiny_dinov2(tmp_path, registers=kind == "with_registers")
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as fh:
+            json.dump(bicubic, fh)
+    else:
+        path = _tiny_new_encoder(kind, tmp_path, bicubic)
+    spec = encoder_spec(path, None, aspect="preserve")
+    assert spec.preprocessing["resize"] == "bicubic" and spec.image_size == 24  # the preprocessor config's
+    assert feature_record(spec) == feature_record(load_encoder(path, None, aspect="preserve"))
+    assert spec.prefix_tokens == {"dinov2": 1, "with_registers": 3, "dinov3": 5}.get(kind, 0)
+
+
+def test_published_dinov2_specs_need_no_download(monkeypatch):
+    def offline(*args, **kwargs):
+        raise AssertionError("no file may be fetched for a DINOv2 name")
+
+    monkeypatch.setattr(encoders, "read_preprocessor_config", offline)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", offline)
+    giant = encoder_spec("dino_v2_g", 224)  # a SimpleTuner alias
+    assert (giant.name, giant.model_type, giant.hidden_size, giant.patch_size, giant.prefix_tokens) == (
+        "facebook/dinov2-giant", "dinov2", 1536, 14, 1)
+    # what facebook/dinov2-*'s preprocessor_config.json says: bicubic, ImageNet statistics
+    assert giant.preprocessing == {"resize": "bicubic", "antialias": True, "image_size": 224, "aspect": "square",
+                                   "patch_size": 14, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                                   "tokens": "patch", "layernorm": True}
+    small = encoder_spec("dinov2_vits14_reg", None)
+    assert (small.model_type, small.hidden_size, small.prefix_tokens, small.image_size) == (
+        "dinov2_with_registers", 384, 5, 518)
+
+
+def test_an_unreachable_preprocessor_config_is_an_error_not_a_guess(monkeypatch):
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", unreachable)
+    with pytest.raises(OSError, match="preprocessor config of 'someone/siglip-finetune' is neither cached nor"):
+        encoders.read_preprocessor_config("someone/siglip-finetune")
+
+    def absent(*args, **kwargs):
+        raise EntryNotFoundError("404")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", absent)
+    assert encoders.read_preprocessor_config("someone/siglip-finetune") == {}  # none: the family's defaults

@@ -21,7 +21,7 @@ UREPA = {"urepa_enabled": True}
 class FakeEncoder(torch.nn.Module):
     """The VisionEncoder contract (a fixed random patchify to 4 × 4 tokens of width 16), counting calls."""
 
-    hidden_size, patch_size, image_size, name = 16, 7, 28, "fake-encoder"
+    hidden_size, patch_size, image_size, name, model_type, prefix_tokens = 16, 7, 28, "fake-encoder", "dinov2", 1
     preprocessing = {"resize": "bilinear", "aspect": "square"}
 
     def __init__(self, fail: bool = False):
@@ -194,7 +194,8 @@ def test_lazy_encoder_gets_the_config(monkeypatch):
         return FakeEncoder()
 
     monkeypatch.setattr(encoders, "load_encoder", fake_load)
-    monkeypatch.setattr("repa_fused.training.regularizers.encoder_geometry", lambda name: (16, 14))
+    monkeypatch.setattr("repa_fused.training.regularizers.encoder_spec", lambda name: types.SimpleNamespace(
+        hidden_size=16))
     tiny = TINY_DIT["dit"]()
     reg = build_regularizer({**REPA, "crepa_model": "dinov2_vits14", "crepa_encoder_image_size": 224,
                              "crepa_encoder_aspect": "preserve", "crepa_encoder_frames_batch_size": 3},
@@ -206,12 +207,11 @@ def test_lazy_encoder_gets_the_config(monkeypatch):
                         aspect="preserve")
 
 
-def test_encoder_geometry_without_weights(dinov2_dir):
-    from repa_fused.training.regularizers import encoder_geometry
+def test_projector_width_without_weights(dinov2_dir):
+    from repa_fused.training.regularizers import _target_width
 
-    assert encoder_geometry(dinov2_dir) == (16, 7)
-    assert encoder_geometry("dinov2_vitg14") == (1536, 14) and encoder_geometry("dinov2_vits14_reg") == (384, 14)
-    assert encoder_geometry("dino_v2_g") == (1536, 14)  # a SimpleTuner alias
+    assert _target_width(types.SimpleNamespace(model=dinov2_dir), None, None) == 16
+    assert _target_width(types.SimpleNamespace(model="dino_v2_g"), None, None) == 1536  # a SimpleTuner alias
 
 
 def test_pixels_are_checked_by_the_live_encoder(dinov2_dir):
@@ -320,8 +320,7 @@ def fake_cache(monkeypatch, dinov2_dir):
     import repa_fused.training.encoders as encoders
 
     live = encoders.load_encoder(dinov2_dir, 28)  # the cache says what a live encoder would have used
-    monkeypatch.setattr(FakeCache, "metadata", {"encoder": live.name, "image_size": 28, "dtype": "bfloat16",
-                                                "preprocessing": live.preprocessing})
+    monkeypatch.setattr(FakeCache, "metadata", {**encoders.feature_record(live), "dtype": "bfloat16"})
     module = types.ModuleType("repa_fused.training.cache")
     module.FeatureCache = FakeCache
     monkeypatch.setitem(sys.modules, "repa_fused.training.cache", module)
@@ -364,6 +363,8 @@ def test_cache_keys_path(fake_cache, cached):
     ({"crepa_model": "dinov2_vits14"}, "encoder '.*' \\(wanted: 'dinov2_vits14', from crepa_model\\)"),
     ({"crepa_encoder_image_size": 56}, "image size 28 \\(wanted: 56, from crepa_encoder_image_size\\)"),
     ({"crepa_encoder_aspect": "preserve"}, "preprocessing .*'aspect': 'square'.* \\(wanted: .*'aspect': 'preserve'"),
+    ({"crepa_model": "dinov2_vits14_reg"}, "encoder .*; model type 'dinov2' \\(wanted: 'dinov2_with_registers'\\); "
+                                          "prefix tokens 1 \\(wanted: 5\\); hidden size 16 \\(wanted: 384\\)"),
 ])
 def test_cache_made_differently_is_refused_at_build(fake_cache, cached, change, message):
     with pytest.raises(ValueError, match=f"feature cache '/c' was made with {message}"):
