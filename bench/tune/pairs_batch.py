@@ -13,7 +13,7 @@ an fp64 Gram computation. Counted work (docs/pairs_irepa_encoders.md): eager doe
 similarity matrix and pass; the Gram form 20·B·N·D² forward + backward (the floor "tflops_counted_gram"
 divides by).
 
-    python bench/pairs_batch.py --json $OUT/pairs_batch.json       # < 3 min on an H100/H200
+    python bench/tune/pairs_batch.py --json $OUT/pairs_batch.json  # < 3 min on an H100/H200
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda")
+    # The ceilings first: a variant whose graph capture fails can leave the CUDA generator unusable.
+    environment, ceilings = timing.environment(device), timing.measure_ceilings(device)
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(B, H_GRID[0] * H_GRID[1], D, device=device, generator=g).to(torch.bfloat16).requires_grad_()
     y = torch.randn(B, Y_GRID[0] * Y_GRID[1], D, device=device, generator=g).to(torch.bfloat16)
@@ -99,6 +101,7 @@ def main():
 
         row = {"variant": name}
         try:
+            h.grad = None  # the previous variant's timed steps leave their gradient
             loss = loss_fn(h, y)
             loss.backward()
             row["loss_rel_err"] = rel_rmse(exact_loss, loss.detach())
@@ -116,7 +119,7 @@ def main():
         rows.append(row)
     report = {"bench": "pairs_batch", "shape": {"B": B, "h_grid": H_GRID, "y_grid": Y_GRID, "D": D,
                                                 "align": "min", "dtype": "bfloat16"},
-              "environment": timing.environment(device), "ceilings": timing.measure_ceilings(device),
+              "environment": environment, "ceilings": ceilings,
               "flops": {"eager_fwd_bwd": flops_eager, "gram_fwd_bwd": flops_gram}, "rows": rows}
     if args.json:
         with open(args.json, "w") as fh:
