@@ -132,3 +132,15 @@ def test_bench_reports_a_failing_variant_and_goes_on(monkeypatch, tmp_path, caps
     assert "sd15_min compile failed: RuntimeError: no C++ compiler" in table
     rows = {r["variant"]: r for r in csv.DictReader(out_csv.open())}
     assert rows["compile"]["error"] and float(rows["eager"]["ms"]) > 0
+
+
+def test_python_m_repa_fused_is_the_cli():
+    out = subprocess.run([sys.executable, "-m", "repa_fused", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "sd15_min" in out.stdout
+
+
+def test_config_module_keeps_its_import_path():
+    import repa_fused as rf
+    from repa_fused.config import add_config_arguments
+
+    assert add_config_arguments is rf.config.add_config_arguments
