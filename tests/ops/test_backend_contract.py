@@ -98,8 +98,7 @@ def test_opcheck(backend, op):
         torch.library.opcheck(custom, (h.requires_grad_(True), y.requires_grad_(True), *grids, mean, True, True))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_fullgraph_matches_eager(backend):
+def compiled_step_matches_eager(backend: str, compile_backend: str) -> None:
     h, y = CASE.inputs(seed=6)
     h.requires_grad_(True)
     y.requires_grad_(True)
@@ -111,7 +110,7 @@ def test_compile_fullgraph_matches_eager(backend):
         return total + (per_sample * torch.tensor([1.0, -2.0])).sum() + rf.manifold_loss(h, y, **kwargs)
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     out = compiled(h, y)
     grads = torch.autograd.grad(out, (h, y))
     ref = step(h, y)
@@ -119,3 +118,15 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_matches_eager(backend):
+    compiled_step_matches_eager(backend, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_compile_fullgraph_inductor_cpp():
+    """Inductor checks the backward's strides against the fake implementation (aot_eager does not)."""
+    compiled_step_matches_eager("cpp", "inductor")

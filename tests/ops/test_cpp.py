@@ -228,27 +228,3 @@ def test_auto_picks_cpp_on_cpu():
     cpp = rf.urepa_loss(h, y, reduction="none", backend="cpp")
     for a, b in zip(auto, cpp):
         assert torch.equal(a, b)
-
-
-def _compiled_step_matches(compile_backend):
-    h, y = random_case(2, (4, 4), (3, 3), 5, dtype=torch.float32)
-    h.requires_grad_(True)
-    y.requires_grad_(True)
-
-    def step(h, y):
-        total, _, _ = rf.urepa_loss(h, y, backend="cpp", align="y")
-        return total + rf.cosine_alignment_loss(h, y, backend="cpp") + rf.manifold_loss(h, y, backend="cpp")
-
-    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
-    out = compiled(h, y)
-    grads = torch.autograd.grad(out, (h, y))
-    ref = step(h, y)
-    ref_grads = torch.autograd.grad(ref, (h, y))
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.slow
-def test_compile_fullgraph_inductor():
-    _compiled_step_matches("inductor")
