@@ -24,6 +24,8 @@ OP_NAMES = ("cosine", "manifold", "urepa")
 # The manifold term over sample pairs and whole-batch pairs (``pairs=``); U-REPA in those modes is the
 # cosine op plus one of these. Kept apart from OP_NAMES, whose ops `repa-fused check` runs by name.
 PAIR_OP_NAMES = ("manifold_samples", "manifold_batch")
+# The manifold ops by the `pairs=` of the public API they serve.
+PAIRS_OF_OP = {"manifold": "tokens", "manifold_samples": "samples", "manifold_batch": "batch"}
 TERMS = {"cosine": 1, "manifold": 1, "urepa": 2, "manifold_samples": 1, "manifold_batch": 1}
 # The rows of an op's (T, B) output: "urepa" stacks both terms, the others have one row.
 ALIGNMENT_ROW = 0  # the cosine alignment term (the only row of "cosine")

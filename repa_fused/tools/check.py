@@ -43,17 +43,13 @@ def _inputs(case, device, dtype, seed):
     return case.inputs(device, dtype, seed)
 
 
-# The manifold term over other pairs, as the public API asks for it: op name -> pairs=.
-PAIRS_OF_OP = {"manifold": "tokens", "manifold_samples": "samples", "manifold_batch": "batch"}
-
-
 def _terms(op: str, backend: str, h, y, case):
     _, h_grid, y_grid, _, align = case
     kwargs = dict(h_grid=h_grid, y_grid=y_grid, align=align, reduction="none", backend=backend)
     if op == "cosine":
         return functional.cosine_alignment_loss(h, y, **kwargs).unsqueeze(0)
-    if op in PAIRS_OF_OP:
-        return functional.manifold_loss(h, y, pairs=PAIRS_OF_OP[op], **kwargs).unsqueeze(0)
+    if op in dispatch.PAIRS_OF_OP:
+        return functional.manifold_loss(h, y, pairs=dispatch.PAIRS_OF_OP[op], **kwargs).unsqueeze(0)
     return torch.stack(functional.urepa_loss(h, y, **kwargs)[1:])
 
 

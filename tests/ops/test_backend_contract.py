@@ -17,7 +17,7 @@ from repa_fused.tools.cases import Case
 from helpers import rel_rmse
 
 BACKENDS = rf.available_backends("cpu")
-OPS = dispatch.OP_NAMES
+OPS = dispatch.OP_NAMES + dispatch.PAIR_OP_NAMES
 CASE = Case(2, (4, 4), (3, 3), 5, "y")   # resampled, small enough for the interpreter
 
 
@@ -26,8 +26,8 @@ def public(op, h, y, backend, reduction="none"):
     kwargs = dict(h_grid=CASE.h_grid, y_grid=CASE.y_grid, align=CASE.align, reduction=reduction, backend=backend)
     if op == "cosine":
         return rf.cosine_alignment_loss(h, y, **kwargs).unsqueeze(0)
-    if op == "manifold":
-        return rf.manifold_loss(h, y, **kwargs).unsqueeze(0)
+    if op in dispatch.PAIRS_OF_OP:
+        return rf.manifold_loss(h, y, pairs=dispatch.PAIRS_OF_OP[op], **kwargs).unsqueeze(0)
     return torch.stack(rf.urepa_loss(h, y, **kwargs)[1:])
 
 
