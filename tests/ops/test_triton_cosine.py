@@ -117,23 +117,6 @@ def test_float64_is_refused():
         rf.cosine_alignment_loss(h, y, h_grid=(3, 5), y_grid=(3, 5), backend="triton")
 
 
-def test_compile_fullgraph():
-    case = ODD_CASES[2]
-    h, y = make(case)
-    weights = torch.tensor([1.0, -1.0, 2.0])
-
-    def loss(h, y):
-        return (rf.cosine_alignment_loss(h, y, reduction="none", backend="triton") * weights).sum()
-
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    hc = h.clone().requires_grad_(True)
-    he = h.clone().requires_grad_(True)
-    torch.testing.assert_close(compiled(hc, y), loss(he, y))
-    compiled(hc, y).backward()
-    loss(he, y).backward()
-    torch.testing.assert_close(hc.grad, he.grad)
-
-
 def run_mean(backend, h, y, case, weight):
     """The batch-mean loss and both gradients of weight·loss through the public API."""
     _, h_grid, y_grid, _, align = case
