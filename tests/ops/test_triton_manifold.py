@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import repa_fused as rf
-from repa_fused.ops import dispatch, reference
+from repa_fused.ops import reference
 from repa_fused.ops.grids import resolve_grids
 
 from helpers import ODD_CASES, independent_losses, rel_rmse
