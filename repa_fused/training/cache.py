@@ -238,7 +238,7 @@ class FeatureCache:
         if not keys:
             raise ValueError("keys is empty: pass at least one cache key")
         dtype = self.dtype if dtype is None else dtype
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in _READ_AS:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be a floating torch dtype the losses take (float32, bfloat16, float16), "
                              f"got {dtype!r}")
         entries = [self._entry(k) for k in keys]

@@ -27,9 +27,9 @@ ZSCORE_EPS = 1e-6
 
 
 def spatial_normalize(y: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
-    """(B, N, D) -> (B, N, D): iREPA's per-channel z-score over the tokens (see the module doc), in y's dtype.
-
-    Statistics are taken in float32 (float64 for float64 input) whatever y's dtype.
+    """(B, N, D) -> (B, N, D) float32 (float64 for float64 input): iREPA's per-channel z-score over the tokens
+    (see the module doc). Not cast back to y's dtype: a constant channel (or a single token) becomes
+    (1 − α)·y / 1e-6, which overflows float16 and would turn the loss into NaN.
     """
     if not isinstance(y, torch.Tensor) or y.dim() != 3:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -42,7 +42,7 @@ def spatial_normalize(y: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
         std = x.std(1, keepdim=True, correction=1)
     else:
         std = torch.zeros_like(mean)  # one token: no spread (module doc)
-    return ((x - alpha * mean) / (std + ZSCORE_EPS)).to(y.dtype)
+    return (x - alpha * mean) / (std + ZSCORE_EPS)
 
 
 def check_kernel_size(kernel_size) -> int:

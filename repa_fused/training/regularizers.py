@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 import weakref
 from typing import Iterator, Optional, Sequence, Union
 
@@ -91,6 +92,7 @@ class AlignmentRegularizer:
 
     def __init__(self, config: Union[RepaConfig, URepaConfig], model: nn.Module, *, encoder=None,
                  max_train_steps: Optional[int] = None):
+        _check_irepa(config)
         self.config = config
         self.schedule = CoefficientSchedule.from_config(config, max_train_steps)
         self.encoder = encoder
@@ -375,7 +377,13 @@ class AlignmentRegularizer:
             raise KeyError(f"{self.NAME} state is missing {sorted(missing)} (saved by a version that kept the "
                            "projector inside the model? load that model checkpoint non-strictly once, then save "
                            "reg.state_dict())")
-        self.projector.load_state_dict(state["projector"])
+        try:
+            self.projector.load_state_dict(state["projector"])
+        except RuntimeError as error:
+            raise ValueError(f"the saved projector does not fit this {self._projector_kind()} projector "
+                             f"({self.capture.hidden_width}->{self.projector[-1].out_features}); was it saved with "
+                             f"other irepa_enabled / irepa_projector_kernel_size / {self.config.PREFIX}projector "
+                             f"settings? {error}") from None
         self.schedule.load_state_dict(state["schedule"])
 
     def remove(self) -> None:
@@ -395,13 +403,17 @@ class AlignmentRegularizer:
             source = f"encoder {cfg.model} at {cfg.encoder_image_size} px, {cfg.encoder_aspect} (loaded on first use)"
         device = next(self.projector.parameters()).device
         return (f"{self.NAME}: {type(self.model).__name__}.{self.capture.block_name} "
-                f"(width {self.capture.hidden_width}, token grid from each forward) -> {cfg.projector} projector "
+                f"(width {self.capture.hidden_width}, token grid from each forward) -> {self._projector_kind()} projector "
                 f"{self.capture.hidden_width}->{self.projector[-1].out_features} (float32, {device}); {source}; "
                 f"λ={cfg.lambda_} {cfg.scheduler}; backend auto of {ops.available_backends(device)}")
 
+    def _projector_kind(self) -> str:
+        cfg = self.config
+        return f"iREPA conv k={cfg.irepa_projector_kernel_size}" if cfg.irepa_enabled else cfg.projector
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.capture.block_name} of {type(self.model).__name__}, "
-                f"λ={self.config.lambda_}, projector={self.config.projector} "
+                f"λ={self.config.lambda_}, projector={self._projector_kind()} "
                 f"{self.capture.hidden_width}->{self.projector[-1].out_features})")
 
 
@@ -501,9 +513,26 @@ def build_regularizer(config: Union[dict, str, os.PathLike, argparse.Namespace, 
         return RepaRegularizer(cfg.repa, model, encoder=encoder, max_train_steps=max_train_steps)
     if cfg.urepa.enabled:
         return URepaRegularizer(cfg.urepa, model, encoder=encoder, max_train_steps=max_train_steps)
+    if cfg.repa.irepa_enabled:  # the irepa_* keys are unprefixed: a user may think they switch something on
+        warnings.warn("irepa_enabled is set but neither crepa_enabled nor urepa_enabled is: iREPA applies to the "
+                      "enabled regularizer, and none is; the regularizer is a no-op", UserWarning, stacklevel=2)
     disabled = DisabledRegularizer(cfg, max_train_steps)
     logger.info("%s", disabled.describe())
     return disabled
+
+
+def _check_irepa(cfg) -> None:
+    """iREPA replaces the projector and z-scores the target per token grid: keys that contradict it are errors."""
+    if not cfg.irepa_enabled:
+        return
+    p = cfg.PREFIX
+    if cfg.projector != "linear":
+        raise ValueError(f"irepa_enabled makes the projector iREPA's Conv2d, so {p}projector={cfg.projector!r} "
+                         f"cannot apply: leave {p}projector unset, or turn irepa_enabled off")
+    if not getattr(cfg, "spatial_align", True):
+        raise ValueError(f"irepa_enabled with {p}spatial_align=false: the mean token of an iREPA target is "
+                         f"(1 − α)·mean / std, zero for α = 1, so the pooled comparison would align with rounding "
+                         f"noise; keep {p}spatial_align=true with iREPA")
 
 
 # -- encoder width and the feature cache ---------------------------------------------------------------------
@@ -530,7 +559,12 @@ def _open_cache(cfg, encoder):
         wanted = feature_record(encoder)
         sources = dict.fromkeys(("encoder", "image_size"), "the encoder passed")
     else:
-        spec = encoder_spec(cfg.model, cfg.encoder_image_size, aspect=cfg.encoder_aspect)
+        try:
+            spec = encoder_spec(cfg.model, cfg.encoder_image_size, aspect=cfg.encoder_aspect)
+        except OSError as error:
+            raise OSError(f"{p}model={cfg.model!r}: its config files are needed to check the feature cache "
+                          f"{cfg.feature_cache!r} and cannot be read ({error}); pass the encoder's local directory "
+                          f"as {p}model, or the loaded encoder as build_regularizer(..., encoder=...)") from error
         wanted = {**feature_record(spec), "encoder": cfg.model}  # named as the config names it
         sources = {"encoder": f"{p}model", "image_size": f"{p}encoder_image_size"}
     problems = [f"{key.replace('_', ' ')} {meta.get(key)!r} (wanted: {wanted[key]!r}"

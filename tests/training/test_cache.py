@@ -320,6 +320,9 @@ def test_bad_keys_arguments(square):
         cache.get("top.png")
     with pytest.raises(ValueError, match="keys is empty"):
         cache.get([])
+    for dtype in (torch.float64, torch.int8, "bfloat16"):
+        with pytest.raises(ValueError, match="dtype must be a floating torch dtype the losses take"):
+            cache.get(["top.png"], dtype=dtype)
 
 
 @pytest.mark.parametrize("kw, message", [

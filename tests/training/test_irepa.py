@@ -38,7 +38,7 @@ def test_zscore_gradcheck_and_dtypes():
     assert torch.autograd.gradcheck(lambda t: irepa.spatial_normalize(t, 0.6), (one,))
     y16 = torch.randn(2, 9, 4).bfloat16()
     out = irepa.spatial_normalize(y16, 0.6)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.float32  # not cast back: a constant channel overflows float16 (next test)
     torch.testing.assert_close(out.double(), zscore_loops(y16, 0.6), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="alpha"):
         irepa.spatial_normalize(y16, float("nan"))
@@ -148,3 +148,42 @@ def test_urepa_with_irepa_and_manifold_pairs():
                                        pairs="samples")
     torch.testing.assert_close(loss, 0.5 * total)
     torch.testing.assert_close(logs["urepa_manifold_loss"], manifold.detach())
+
+
+def test_fp16_features_with_a_constant_channel_give_a_finite_loss():
+    """A constant channel becomes (1 − α)·y / 1e-6 (about 4e5): past float16's range, so the z-score stays fp32."""
+    tiny = TINY_UNET["sd15"]()
+    reg = build_regularizer({"urepa_enabled": True, "irepa_enabled": True}, tiny.model, encoder=NoEncoder())
+    y = torch.randn(2, 16, 16)
+    y[:, :, 0] = 1.0
+    _, _, loss, logs = _pop_and_loss(tiny, reg, y.half(), None)
+    assert torch.isfinite(loss) and torch.isfinite(logs["urepa_manifold_loss"])
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"crepa_projector": "mlp"}, "crepa_projector='mlp' cannot apply"),
+    ({"crepa_spatial_align": False}, "crepa_spatial_align=false"),
+])
+def test_keys_that_contradict_irepa_are_errors(keys, message):
+    tiny = TINY_DIT["dit"]()
+    with pytest.raises(ValueError, match=message):
+        build_regularizer({"crepa_enabled": True, "crepa_block_index": 1, "irepa_enabled": True, **keys}, tiny.model,
+                          encoder=NoEncoder())
+
+
+def test_irepa_without_a_regularizer_warns():
+    tiny = TINY_DIT["dit"]()
+    with pytest.warns(UserWarning, match="neither crepa_enabled nor urepa_enabled"):
+        reg = build_regularizer({"irepa_enabled": True}, tiny.model)
+    assert not list(reg.parameters())
+
+
+def test_describe_and_state_name_the_conv_projector():
+    tiny = TINY_DIT["dit"]()
+    config = {"crepa_enabled": True, "crepa_block_index": 1, "irepa_enabled": True, "irepa_projector_kernel_size": 5}
+    reg = build_regularizer(config, tiny.model, encoder=NoEncoder())
+    assert "iREPA conv k=5" in reg.describe() and "iREPA conv k=5" in repr(reg)
+    plain = build_regularizer({"crepa_enabled": True, "crepa_block_index": 1}, TINY_DIT["dit"]().model,
+                              encoder=NoEncoder())
+    with pytest.raises(ValueError, match="irepa_enabled"):
+        plain.load_state_dict(reg.state_dict())
