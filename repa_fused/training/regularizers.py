@@ -380,7 +380,7 @@ class AlignmentRegularizer:
         try:
             self.projector.load_state_dict(state["projector"])
         except RuntimeError as error:
-            raise ValueError(f"the saved projector does not fit this {self._projector_kind()} projector "
+            raise RuntimeError(f"the saved projector does not fit this {self._projector_kind()} projector "
                              f"({self.capture.hidden_width}->{self.projector[-1].out_features}); was it saved with "
                              f"other irepa_enabled / irepa_projector_kernel_size / {self.config.PREFIX}projector "
                              f"settings? {error}") from None

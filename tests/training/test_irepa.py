@@ -185,5 +185,5 @@ def test_describe_and_state_name_the_conv_projector():
     assert "iREPA conv k=5" in reg.describe() and "iREPA conv k=5" in repr(reg)
     plain = build_regularizer({"crepa_enabled": True, "crepa_block_index": 1}, TINY_DIT["dit"]().model,
                               encoder=NoEncoder())
-    with pytest.raises(ValueError, match="irepa_enabled"):
+    with pytest.raises(RuntimeError, match="irepa_enabled"):
         plain.load_state_dict(reg.state_dict())
