@@ -72,11 +72,10 @@ def test_ddp_projector_and_lambda_agree_across_ranks(report, flag):
     assert set(lam["per_step_rank0"]) == {0.0, 0.5}
 
 
-def test_fsdp2_runs_and_resumes_or_says_why_not(report):
+def test_fsdp2_runs_and_resumes(report):
+    # FSDP2 runs on CPU with gloo in the torch this project pins (2.13): a "skipped" here is a regression.
     fsdp = report["fsdp2"]
-    if "skipped" in fsdp:
-        assert fsdp["skipped"].strip()
-        return
+    assert "skipped" not in fsdp, fsdp.get("skipped")
     assert fsdp["steps_per_s_without"] > 0 and fsdp["steps_per_s_with"] > 0
     assert fsdp["projector_max_abs_difference"] == 0.0 and fsdp["lambda_identical_across_ranks"]
     ckpt = fsdp["runs"]["with_urepa"]["checkpoint"]
