@@ -583,10 +583,17 @@ def _gram_loss_and_grads(prep: _Prepared, out, grads) -> None:
             del g
 
 
+def _part_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a gradient made in the forward is kept in until the backward scales it: the input's, but
+    float32 for float16. The upstream gradient arrives only then, and under a GradScaler it is large (2^16):
+    unscaled, the gradient's small entries sit below float16's range and would round to zero."""
+    return torch.float32 if x.dtype == torch.float16 else x.dtype
+
+
 def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
     """The transposed resampling of a target-grid gradient back to ``like``'s grid (a gather)."""
     batch, n_src, dim = like.shape
-    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    out = torch.empty(like.shape, dtype=_part_dtype(like), device=like.device)
     start_r, k_rows = interp.adjoint_start_table(grid[0], target_grid[0], like.device)
     start_c, k_cols = interp.adjoint_start_table(grid[1], target_grid[1], like.device)
     cfg = Tiles.current()
@@ -601,13 +608,12 @@ def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> tor
 
 
 def _target_buffer(x: torch.Tensor, grid, target_grid) -> torch.Tensor:
-    """Where the kernels write x's target-grid gradient: x's own gradient when no resampling follows;
-    fp32 before a resampling of fp16 (the adjoint sums up to 4·k taps, which the unscaled fp16 range
-    may not hold on the way)."""
+    """Where the kernels write x's target-grid gradient, in ``_part_dtype(x)``: the part itself when no
+    resampling follows, else the adjoint's input."""
     if tuple(grid) == tuple(target_grid):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-    return torch.empty(x.shape[0], target_grid[0] * target_grid[1], x.shape[2], dtype=dtype, device=x.device)
+        return torch.empty(x.shape, dtype=_part_dtype(x), device=x.device)
+    return torch.empty(x.shape[0], target_grid[0] * target_grid[1], x.shape[2], dtype=_part_dtype(x),
+                       device=x.device)
 
 
 def _check_dtypes(h, y) -> None:
@@ -621,8 +627,8 @@ def _check_dtypes(h, y) -> None:
 
 def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=False, algorithm="auto"):
     """(loss (B,) fp32, stats (N_STATS, B, N) fp32, ∂/∂h | None, ∂/∂y | None) of the per-image manifold
-    loss (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)², gradients in the inputs' dtypes and shapes (row b: image b's
-    own gradient). h: (B, N_h, D) on h_grid, y: (B, N_y, D) on y_grid, both resampled to target_grid.
+    loss (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)², gradients in the inputs' shapes and dtypes (float32 for float16:
+    _part_dtype) (row b: image b's own gradient). h: (B, N_h, D) on h_grid, y: (B, N_y, D) on y_grid, both resampled to target_grid.
     ``algorithm``: "auto" (cost model), "tiled" or "gram"."""
     _check_dtypes(h, y)
     _, _, dim = h.shape
@@ -671,8 +677,8 @@ def _scale_into(out: torch.Tensor, part: torch.Tensor, grad_row: torch.Tensor, a
 def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *, parts):
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b]: the forward's gradients, scaled."""
     row = grad[0].float()
-    return tuple(_scale_into(torch.empty_like(part), part, row, False) if needs else None
-                 for part, needs in zip(parts, (needs_h, needs_y)))
+    return tuple(_scale_into(torch.empty(part.shape, dtype=x.dtype, device=part.device), part, row, False)
+                 if needs else None for part, x, needs in zip(parts, (h, y), (needs_h, needs_y)))
 
 
 def urepa_saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:

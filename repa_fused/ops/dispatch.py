@@ -81,8 +81,10 @@ def _refuse_double_backward(name: str) -> None:
     """The backward kernels build no graph: under create_graph=True a gradient penalty would silently
     add 0, so say so instead."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported by the fused "
-                           f"backends; use backend='reference' outside the op, e.g. repa_fused.reference")
+        raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported: every backend "
+                           f"computes its gradient outside autograd. For a gradient penalty, write the loss with "
+                           f"plain PyTorch ops (repa_fused.ops.reference.LOSSES has each, differentiable by "
+                           f"autograd)")
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -187,6 +189,11 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
         _refuse_double_backward(name)
         h, y, saved, part_h, part_y = _unstash(ctx)
         needs_h, needs_y = ctx.needs_input_grad[:2]
+        missing = (needs_h and not part_h.numel()) or (needs_y and not part_y.numel())
+        if implementation().grad_in_forward and missing:
+            raise RuntimeError(f"{name}: the forward ran with needs_h={bool(part_h.numel())}, "
+                               f"needs_y={bool(part_y.numel())}, so it made no gradient for an input that now "
+                               "needs one: call the op with needs_h / needs_y set for every input requiring grad")
         grad_h, grad_y = backward_op(grad.contiguous(), h, y, saved, part_h, part_y, *ctx.grids, needs_h,
                                      needs_y, ctx.mean)
         return (grad_h if needs_h else None, grad_y if needs_y else None, None, None, None, None, None, None)
@@ -195,8 +202,10 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
 
     class EagerFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, h, y, h_grid, y_grid, target_grid, mean):
-            needs_h, needs_y = ctx.needs_input_grad[:2]
+        def forward(ctx, h, y, h_grid, y_grid, target_grid, mean, grad_on):
+            # grad_on: the caller's grad mode (forward always runs without grad); under no_grad no gradient
+            # is made in the forward, whatever the inputs' requires_grad.
+            needs_h, needs_y = (grad_on and needs for needs in ctx.needs_input_grad[:2])
             losses, saved, parts = run_forward(h, y, h_grid, y_grid, target_grid, mean, needs_h, needs_y)
             stash_inputs(ctx, h, y, saved, parts)
             ctx.grids = (h_grid, y_grid, target_grid)
@@ -212,7 +221,7 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
                 needs_h, needs_y = ctx.needs_input_grad[:2]
                 grad_h, grad_y = run_backward(grad.contiguous(), h, y, ctx.grids, needs_h, needs_y, saved,
                                               ctx.mean, (part_h, part_y))
-            return grad_h, grad_y, None, None, None, None
+            return grad_h, grad_y, None, None, None, None, None
 
     def call(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean: bool = False) -> torch.Tensor:
         h_grid, y_grid, target_grid = tuple(h_grid), tuple(y_grid), tuple(target_grid)
@@ -220,7 +229,7 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
             grad_on = torch.is_grad_enabled()
             return forward_op(h, y, list(h_grid), list(y_grid), list(target_grid), mean,
                               grad_on and h.requires_grad, grad_on and y.requires_grad)[0]
-        return EagerFunction.apply(h, y, h_grid, y_grid, target_grid, mean)
+        return EagerFunction.apply(h, y, h_grid, y_grid, target_grid, mean, torch.is_grad_enabled())
 
     call.custom_op = forward_op
     call.backward_op = backward_op

@@ -43,9 +43,10 @@ def _inputs(case, device, dtype, seed):
     return case.inputs(device, dtype, seed)
 
 
-def _terms(op: str, backend: str, h, y, case):
+def _terms(op: str, backend: str, h, y, case, reduction: str = "none"):
+    """The op's terms through the public API: (T, B) with reduction "none", (T,) with "mean"."""
     _, h_grid, y_grid, _, align = case
-    kwargs = dict(h_grid=h_grid, y_grid=y_grid, align=align, reduction="none", backend=backend)
+    kwargs = dict(h_grid=h_grid, y_grid=y_grid, align=align, reduction=reduction, backend=backend)
     if op == "cosine":
         return functional.cosine_alignment_loss(h, y, **kwargs).unsqueeze(0)
     if op in dispatch.PAIRS_OF_OP:
@@ -54,20 +55,21 @@ def _terms(op: str, backend: str, h, y, case):
 
 
 def check_values(backend: str, op: str, dtype: torch.dtype, device) -> CheckResult:
-    """Losses and both gradients over all CHECK_CASES, pooled per quantity before the relative RMSE:
-    a case whose exact value is 0 (the manifold loss of a single token) cannot set the scale alone."""
+    """Losses and both gradients over all CHECK_CASES, per sample and as the batch mean (training's path,
+    separate code in the fused backends), pooled per quantity before the relative RMSE: a case whose exact
+    value is 0 (the manifold loss of a single token) cannot set the scale alone."""
     pooled = [([], []), ([], []), ([], [])]
     finite = True
-    for seed, case in enumerate(CHECK_CASES):
+    for seed, (case, reduction) in enumerate((c, r) for c in CHECK_CASES for r in ("none", "mean")):
         h, y = _inputs(case, device, dtype, seed)
         h.requires_grad_(True)
         y.requires_grad_(True)
-        out = _terms(op, backend, h, y, case)
+        out = _terms(op, backend, h, y, case, reduction)
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         grad_h, grad_y = torch.autograd.grad((out.double() * weights.to(device)).sum(), (h, y))
         h64 = h.detach().double().requires_grad_(True)
         y64 = y.detach().double().requires_grad_(True)
-        ref = _terms(op, "reference", h64, y64, case)
+        ref = _terms(op, "reference", h64, y64, case, reduction)
         ref_h, ref_y = torch.autograd.grad((ref * weights.to(device)).sum(), (h64, y64))
         finite &= bool(torch.isfinite(out).all() and torch.isfinite(grad_h).all() and torch.isfinite(grad_y).all())
         for (outs, refs), a, r in zip(pooled, (out, grad_h, grad_y), (ref, ref_h, ref_y)):

@@ -57,6 +57,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cases import BENCH_CASES_BY_NAME
 
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cases to run (default: all): " + "; ".join(
                            f"{case.name}: {case.description}" for case in BENCH_CASES_BY_NAME.values()))
     bench.add_argument("--backends", nargs="+", help="only these fused backends")
-    bench.add_argument("--reps", type=int, help="timed repetitions per variant (default 50 GPU, 5 CPU)")
+    bench.add_argument("--reps", type=_positive_int, help="timed repetitions per variant (default 50 GPU, 5 CPU)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     bench.add_argument("--full-size", action="store_true", help="on a CPU, run the full GPU-sized cases")
     bench.add_argument("--json", help="write the results as JSON to this path")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import repa_fused as rf
-from repa_fused.ops import reference
+from repa_fused.ops import dispatch, reference
 from repa_fused.ops.grids import resolve_grids
 
 from helpers import ODD_CASES, independent_losses, rel_rmse
@@ -194,10 +194,43 @@ def test_public_api_gradients_through_autograd(op):
     assert all(rel_rmse(a, b) < 1e-5 for a, b in zip(grads["triton"], grads["reference"]))
 
 
-def test_no_gradient_work_without_requires_grad():
-    h, y = tokens(2, (3, 3), 7, seed=21), tokens(2, (3, 3), 7, seed=22)
-    out, _, part_h, part_y = manifold.urepa_forward(h, y, (3, 3), (3, 3), (3, 3))
-    assert part_h is None and part_y is None and out.shape == (2, 2)
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode, torch.enable_grad])
+def test_gradient_work_only_where_a_gradient_is_taken(mode, monkeypatch):
+    """Through the public API: a forward under no_grad / inference_mode (an evaluation loop) makes no gradient,
+    even for an h that requires grad; with grad enabled it makes h's (y is frozen)."""
+    asked = []
+    terms = manifold.manifold_terms
+    monkeypatch.setattr(manifold, "manifold_terms", lambda *a, **k: asked.append(a[5:7]) or terms(*a, **k))
+    h = tokens(2, (3, 3), 7, seed=21).requires_grad_(True)
+    y = tokens(2, (4, 4), 7, seed=22)
+    with mode():
+        rf.urepa_loss(h, y, backend="triton")
+    assert asked == [(mode is torch.enable_grad, False)]
+
+
+@pytest.mark.parametrize("op", ["manifold", "urepa"])
+def test_custom_op_called_without_needs_then_backward_is_a_clear_error(op):
+    h = tokens(2, (3, 3), 7, seed=23).requires_grad_(True)
+    y = tokens(2, (3, 3), 7, seed=24)
+    custom = dispatch.BACKENDS["triton"].ops[op].custom_op
+    losses = custom(h, y, [3, 3], [3, 3], [3, 3], False, False, False)[0]
+    with pytest.raises(RuntimeError, match="made no gradient for an input that now needs one"):
+        losses.sum().backward()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fp16_gradient_survives_a_grad_scaler(algorithm):
+    """The gradient made in the forward waits for the upstream gradient; under a GradScaler (2^16) its small
+    entries must not have been flushed by float16's range before the scale arrives (kept in fp32 meanwhile)."""
+    # N = 32² tokens: the gradient's entries, O(1/N²)·(S_h − S_y)Ĥ, sit near float16's subnormals unscaled.
+    h = tokens(1, (32, 32), 16, seed=25).to(torch.float16)
+    y = tokens(1, (23, 29), 16, seed=26).to(torch.float16)
+    grids = ((32, 32), (23, 29), (32, 32))
+    scale = torch.full((1, 1), 65536.0)
+    _, grad_h, grad_y = fused("manifold", h, y, grids, scale, algorithm)
+    ref_h, ref_y = reference.loss_gradients("manifold", scale.double(), h.double(), y.double(), *grids, True, True)
+    assert grad_h.dtype == torch.float16 and grad_y.dtype == torch.float16
+    assert rel_rmse(grad_h, ref_h) < 2e-3 and rel_rmse(grad_y, ref_y) < 2e-3
 
 
 @pytest.mark.parametrize("op", ["manifold", "urepa"])
