@@ -45,14 +45,13 @@ import triton
 import triton.language as tl
 
 from . import interp
-from ._runtime import EPS, triton_interpreter
+from ._runtime import EPS, check_kernel_dtype, triton_interpreter
 
 ALGORITHMS = ("auto", "tiled", "gram")
 ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
 # The Gram path runs its FLOPs at this fraction of the Triton tiles' rate (H100, docs/manifold.md:
 # its reductions and the projection pass eat cuBLAS's edge).
 GRAM_EFFICIENCY = 0.85
-SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 # Up to this width the Gram path multiplies back by its D×D products in fp32 (see _gram_loss_and_grads).
 SMALL_DIM = 128
 # Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars.
@@ -619,10 +618,8 @@ def _target_buffer(x: torch.Tensor, grid, target_grid) -> torch.Tensor:
 def _check_dtypes(h, y) -> None:
     # float64 has no tensor-core dot: refused here, as by the cosine kernel (backend="auto" sends float64
     # to the reference).
-    for name, x in (("h", h), ("y", y)):
-        if x.dtype not in SUPPORTED:
-            raise TypeError(f"the triton backend takes {name} as float32, bfloat16 or float16, got {x.dtype}; "
-                            f"use backend='reference' for float64")
+    check_kernel_dtype("h", h)
+    check_kernel_dtype("y", y)
 
 
 def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=False, algorithm="auto"):

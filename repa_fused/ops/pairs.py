@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .dispatch import OpImpl
 
 
 def _batch_rows(h, y, h_grid, y_grid, target_grid):
@@ -80,9 +81,8 @@ def batch_shares_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, need
     return tuple(grads)
 
 
-def batch_op(tokens) -> "OpImpl":  # noqa: F821 (ops.OpImpl; ops imports this module lazily)
+def batch_op(tokens: OpImpl) -> OpImpl:
     """The "manifold_batch" OpImpl of a backend whose per-image manifold OpImpl is ``tokens``."""
-    from .dispatch import OpImpl
 
     def run_tokens(h_rows, y_rows, needs_h=False, needs_y=False):
         """(losses, saved, parts) of the tokens op on one image, whichever protocol it follows."""
@@ -147,7 +147,6 @@ def samples_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y):
 def implementations(tokens) -> dict:
     """{"manifold_samples", "manifold_batch"} OpImpls of a backend given its "manifold" implementation
     (an OpImpl or its (forward, backward[, saved_shape]) tuple)."""
-    from .dispatch import OpImpl
 
     tokens = tokens if isinstance(tokens, OpImpl) else OpImpl(*tokens)
     return {"manifold_samples": OpImpl(samples_forward, samples_backward), "manifold_batch": batch_op(tokens)}
