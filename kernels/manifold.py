@@ -37,6 +37,7 @@ ALGORITHM (REPA_FUSED_MANIFOLD_ALGO at import, default "auto"), where "auto" is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -47,7 +48,8 @@ import triton.language as tl
 from . import interp
 from ._runtime import EPS, check_kernel_dtype, triton_interpreter
 
-ALGORITHMS = ("auto", "tiled", "gram")
+# "tiled" takes its gradient form by size (_tiled_form); "tiled-symmetric" and "tiled-rows" force one.
+ALGORITHMS = ("auto", "tiled", "gram", "tiled-symmetric", "tiled-rows")
 ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
 # The Gram path runs its FLOPs at this fraction of the Triton tiles' rate (H100, docs/manifold.md:
 # its reductions and the projection pass eat cuBLAS's edge).
@@ -74,7 +76,7 @@ def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "
             raise ValueError(f"{where} must be one of {ALGORITHMS}, got {value!r}")
     forced = algorithm if algorithm != "auto" else ALGORITHM
     if forced != "auto":
-        return forced
+        return "tiled" if forced.startswith("tiled") else forced
     cost = algorithm_costs(n_tokens, dim, grads)
     return "gram" if cost["gram"] < cost["tiled"] * GRAM_EFFICIENCY else "tiled"
 
@@ -120,6 +122,16 @@ def _similarity_tiles(z_ptr, stride_n, rows, cols, n_tokens, dim,
 
 
 @triton.jit
+def _pair_tiles(pair):
+    """(i, j), i ≤ j, of tile pair number pair = j(j+1)/2 + i."""
+    # The float root can be one off either way, so correct it.
+    tj = ((tl.sqrt(8.0 * pair.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where(tj * (tj + 1) // 2 > pair, tj - 1, tj)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pair, tj + 1, tj)
+    return pair - tj * (tj + 1) // 2, tj
+
+
+@triton.jit
 def manifold_fwd_tiled_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb, stride_zn,
                               BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                               COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
@@ -128,11 +140,7 @@ def manifold_fwd_tiled_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale,
     order afterwards (deterministic)."""
     pair = tl.program_id(0)
     b = tl.program_id(1)
-    # Invert pair = j(j+1)/2 + i; the float root can be one off either way, so correct it.
-    tj = ((tl.sqrt(8.0 * pair.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
-    tj = tl.where(tj * (tj + 1) // 2 > pair, tj - 1, tj)
-    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pair, tj + 1, tj)
-    ti = pair - tj * (tj + 1) // 2
+    ti, tj = _pair_tiles(pair)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, stride_zn, rows, cols, n_tokens,
@@ -174,6 +182,45 @@ def manifold_fwd_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_tokens, 
     p_radial = radial_ptr + (local * 2 * col_tiles + tj) * BLOCK_M + r_local
     tl.store(p_radial, tl.sum(diff * acc_h, axis=1))
     tl.store(p_radial + col_tiles * BLOCK_M, tl.sum(diff * acc_y, axis=1))
+
+
+@triton.jit(do_not_specialize=["image0"])
+def manifold_fwd_sym_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_tokens, dim, tiles, n_pairs, image0,
+                                  scale, stride_zb, stride_zn, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  COMPUTE: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr):
+    """With a gradient, phase 1 by symmetry; grid (tile pairs i ≤ j, images of this round).
+
+    One tile of S_h − S_y serves two: it is stored at (i, j) and, transposed, at (j, i) of the image's
+    whole panel (tiles·BLOCK square, compute dtype), so the similarity products run over the i ≤ j half
+    (2·N²·D instead of 4·N²·D). The radial sums go to the layout of manifold_fwd_panel_kernel (item =
+    image·tiles + row tile, slot = the other tile): row sums for rows i at slot j, column sums for rows j
+    at slot i; the loss partial (weight 2 off the diagonal) to loss[b, pair]. Every slot is written once.
+    """
+    pair = tl.program_id(0)
+    local = tl.program_id(1)
+    b = image0 + local
+    ti, tj = _pair_tiles(pair)
+    r_local = tl.arange(0, BLOCK)
+    rows = ti * BLOCK + r_local
+    cols = tj * BLOCK + r_local
+    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, stride_zn, rows, cols, n_tokens,
+                                     dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION)
+    diff = acc_h - acc_y
+    total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+    tl.store(loss_ptr + b * n_pairs + pair, tl.where(ti == tj, scale, 2.0 * scale) * total)
+    width = tiles * BLOCK
+    p_image = panel_ptr + local.to(tl.int64) * width * width
+    stored = _rounded(diff, panel_ptr.dtype.element_ty, RTNE)
+    tl.store(p_image + rows[:, None] * width + cols[None, :], stored)
+    diff = stored.to(tl.float32)  # the radial terms from the panel as stored (manifold_fwd_panel_kernel)
+    p_row = radial_ptr + ((local * tiles + ti) * 2 * tiles + tj) * BLOCK + r_local
+    tl.store(p_row, tl.sum(diff * acc_h, axis=1))
+    tl.store(p_row + tiles * BLOCK, tl.sum(diff * acc_y, axis=1))
+    if ti != tj:
+        tl.store(p_image + cols[:, None] * width + rows[None, :], tl.trans(stored))
+        p_col = radial_ptr + ((local * tiles + tj) * 2 * tiles + ti) * BLOCK + r_local
+        tl.store(p_col, tl.sum(diff * acc_h, axis=0))
+        tl.store(p_col + tiles * BLOCK, tl.sum(diff * acc_y, axis=0))
 
 
 @triton.jit
@@ -431,6 +478,12 @@ class Tiles:
     # Panels of S_h − S_y and Gram chunks are processed in rounds that fit this many bytes: peak memory
     # has no term in N² (a panel row block is BLOCK_M × N), whatever the batch.
     workspace_bytes: int = 32 * 2**20
+    # Where 128-wide panel tiles would give fewer programs than this many per multiprocessor (small N,
+    # small B), the panels take 64-wide tiles and the products 128-wide D chunks (for_panels).
+    small_programs_per_sm: int = 2
+    small_block: int = 64
+    small_warps: int = 4
+    small_prod_block_d: int = 128
 
     @classmethod
     def current(cls, element_size: int = 2) -> "Tiles":
@@ -445,8 +498,26 @@ class Tiles:
                                        prod_block_k=TILES.prod_block_k // 2)
         return TILES
 
+    @classmethod
+    def for_panels(cls, batch: int, n_tokens: int, z: torch.Tensor) -> "Tiles":
+        """current(), with the small panel tiles where the large ones would leave the GPU mostly idle."""
+        cfg = cls.current(z.element_size())
+        if triton_interpreter() or z.device.type != "cuda":
+            return cfg
+        programs = batch * triton.cdiv(n_tokens, cfg.panel_block_m) ** 2
+        if programs >= cfg.small_programs_per_sm * _multiprocessors(z.device):
+            return cfg
+        return dataclasses.replace(cfg, panel_block_m=cfg.small_block, panel_block_n=cfg.small_block,
+                                   panel_warps=cfg.small_warps, prod_block_d=cfg.small_prod_block_d,
+                                   prod_warps=cfg.small_warps)
+
 
 TILES = Tiles()
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass
@@ -510,35 +581,65 @@ def _tiled_loss(prep: _Prepared, out: torch.Tensor) -> None:
     torch.sum(partial, 1, out=out)
 
 
-def _tiled_loss_and_grads(prep: _Prepared, out, grads) -> None:
-    """out (B,) = the loss; grads: [(own, target-grid buffer)] get ∂L_man/∂x (x = h: own 0, y: own 1)."""
+def _tiled_form(batch: int, n_tokens: int, element_size: int, cfg: Tiles, algorithm: str) -> tuple[str, int]:
+    """(form, items per round) of the tiled path with a gradient. "symmetric": rounds of whole images, each
+    image's panel made from the i ≤ j tiles (4·N²·D in all with one gradient); "rows": rounds of row
+    panels, each made whole (6·N²·D), where one image's panel (N² elements) would not fit the workspace.
+    Items are images (symmetric) or (image, row tile) pairs (rows)."""
+    width = triton.cdiv(n_tokens, cfg.panel_block_m) * cfg.panel_block_m
+    images = cfg.workspace_bytes // (width * width * element_size)
+    form = algorithm[len("tiled-"):] if algorithm.startswith("tiled-") else ("symmetric" if images else "rows")
+    if form == "symmetric":  # forced: at least one image per round
+        return form, min(batch, max(1, images))
+    items = batch * (width // cfg.panel_block_m)
+    per_round = max(1, cfg.workspace_bytes // (cfg.panel_block_m * width * element_size))
+    return form, triton.cdiv(items, triton.cdiv(items, per_round))
+
+
+def _tiled_loss_and_grads(prep: _Prepared, out, grads, algorithm: str = "tiled") -> None:
+    """out (B,) = the loss; grads: [(own, target-grid buffer)] get ∂L_man/∂x (x = h: own 0, y: own 1).
+    ``algorithm``: "tiled" (the form by size), "tiled-symmetric" or "tiled-rows" (_tiled_form)."""
     batch, n_tokens, dim = prep.shape
     z = prep.z
-    cfg = Tiles.current(z.element_size())
-    block_m = cfg.panel_block_m
-    row_tiles = triton.cdiv(n_tokens, block_m)
-    col_tiles = triton.cdiv(n_tokens, cfg.panel_block_n)
-    width = col_tiles * cfg.panel_block_n
-    items = batch * row_tiles
-    rounds = triton.cdiv(items, max(1, cfg.workspace_bytes // (block_m * width * z.element_size())))
-    group = triton.cdiv(items, rounds)
-    panel = torch.empty(group, block_m, width, dtype=z.dtype, device=z.device)
-    radial = torch.empty(group, 2, col_tiles, block_m, dtype=torch.float32, device=z.device)
-    loss = torch.empty(batch, row_tiles * col_tiles, dtype=torch.float32, device=z.device)
+    cfg = Tiles.for_panels(batch, n_tokens, z)
+    block = cfg.panel_block_m
+    tiles = triton.cdiv(n_tokens, block)
+    width = tiles * block
+    form, group = _tiled_form(batch, n_tokens, z.element_size(), cfg, algorithm)
     dot_args = prep.dot_args()
-    for item0 in range(0, items, group):
-        count = min(group, items - item0)
-        manifold_fwd_panel_kernel[(col_tiles, count)](
-            z_ptr=z, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
-            row_tiles=row_tiles, item0=item0, scale=1.0 / n_tokens**2, stride_zb=z.stride(0),
-            stride_zn=z.stride(1), BLOCK_M=block_m, BLOCK_N=cfg.panel_block_n, BLOCK_K=cfg.panel_block_k,
-            RTNE=_rtne(panel), num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
+    scale = 1.0 / n_tokens**2
+    # Both forms leave the same layout: panel rows of item (image, row tile) at item·BLOCK·width, radial
+    # partials (item, own, slot, BLOCK); the product kernel takes it from there.
+    if form == "symmetric":
+        pairs = tiles * (tiles + 1) // 2
+        loss = torch.empty(batch, pairs, dtype=torch.float32, device=z.device)
+        panel = torch.empty(group, width, width, dtype=z.dtype, device=z.device)
+        rounds = [(image0 * tiles, min(group, batch - image0) * tiles, image0) for image0 in range(0, batch, group)]
+    else:
+        loss = torch.empty(batch, tiles * tiles, dtype=torch.float32, device=z.device)
+        panel = torch.empty(group, block, width, dtype=z.dtype, device=z.device)
+        items = batch * tiles
+        rounds = [(item0, min(group, items - item0), None) for item0 in range(0, items, group)]
+    radial = torch.empty(panel.numel() // (block * width), 2, tiles, block, dtype=torch.float32, device=z.device)
+    for item0, count, image0 in rounds:
+        if form == "symmetric":
+            manifold_fwd_sym_panel_kernel[(pairs, count // tiles)](
+                z_ptr=z, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
+                tiles=tiles, n_pairs=pairs, image0=image0, scale=scale, stride_zb=z.stride(0),
+                stride_zn=z.stride(1), BLOCK=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel),
+                num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
+        else:
+            manifold_fwd_panel_kernel[(tiles, count)](
+                z_ptr=z, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
+                row_tiles=tiles, item0=item0, scale=scale, stride_zb=z.stride(0), stride_zn=z.stride(1),
+                BLOCK_M=block, BLOCK_N=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel),
+                num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
         for own, buf in grads:
             manifold_fwd_panel_grad_kernel[(triton.cdiv(dim, cfg.prod_block_d), count)](
                 panel_ptr=panel, radial_ptr=radial, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf,
-                n_tokens=n_tokens, dim=dim, batch=batch, row_tiles=row_tiles, col_tiles=col_tiles, width=width,
+                n_tokens=n_tokens, dim=dim, batch=batch, row_tiles=tiles, col_tiles=tiles, width=width,
                 item0=item0, own=own, coef=(1.0 - 2.0 * own) * 4.0 / n_tokens**2, stride_zb=z.stride(0),
-                stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), BLOCK_M=block_m,
+                stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), BLOCK_M=block,
                 BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, RTNE=_rtne(buf), num_warps=cfg.prod_warps,
                 num_stages=cfg.prod_stages, **dot_args)
     torch.sum(loss, 1, out=out)
@@ -639,7 +740,8 @@ def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=Fal
     if choice == "gram":
         _gram_loss_and_grads(prep, loss, buffers)
     elif buffers:
-        _tiled_loss_and_grads(prep, loss, buffers)
+        forced = algorithm if algorithm != "auto" else ALGORITHM
+        _tiled_loss_and_grads(prep, loss, buffers, forced if forced.startswith("tiled") else "tiled")
     else:
         _tiled_loss(prep, loss)
     stats = prep.stats

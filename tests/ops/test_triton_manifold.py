@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif("triton" not in rf.available_backends("cuda" if 
                                 reason="triton backend unavailable")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF_TOL = 1e-2
-ALGORITHMS = ["tiled", "gram"]
+ALGORITHMS = ["tiled-symmetric", "tiled-rows", "gram"]
 
 
 def tokens(b, grid, d, dtype=torch.float32, seed=0, device=DEVICE):
