@@ -128,14 +128,15 @@ def _ordered_sum(ptr, count, BLOCK: tl.constexpr):
 
 @triton.jit
 def cosine_bwd_identity_kernel(
-    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr,
+    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, extra_ptr, extra_grad_ptr,
     n_tokens, dim, width_t, own_offset, batch, d_blocks,
     x_sb, x_sn, x_sd,
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
     neg_inv_n, grad_stride,
-    Z_IDENTITY: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    Z_IDENTITY: tl.constexpr, EXTRA: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """x already on the target grid (no adjoint): one program, BLOCK_J tokens × BLOCK_D features."""
+    """x already on the target grid (no adjoint): one program, BLOCK_J tokens × BLOCK_D features.
+    EXTRA: plus extra_grad[b]·extra[b] (another term's target-grid gradient, contiguous (B, N, D))."""
     pid = tl.program_id(0)
     jb = pid // d_blocks
     db = pid % d_blocks
@@ -154,19 +155,24 @@ def cosine_bwd_identity_kernel(
     s0 = tl.load(s_base + t, mask=t_mask, other=0.0)
     s_own = tl.load(s_base + own_offset + t, mask=t_mask, other=0.0)
     p_out = out_ptr + b.to(tl.int64) * n_tokens * dim + t[:, None] * dim + offs[None, :]
-    tl.store(p_out, (coef * (s0[:, None] * b_z - s_own[:, None] * b_x)).to(out_ptr.dtype.element_ty), mask=m)
+    g = coef * (s0[:, None] * b_z - s_own[:, None] * b_x)
+    if EXTRA:
+        extra = tl.load(extra_ptr + b.to(tl.int64) * n_tokens * dim + t[:, None] * dim + offs[None, :], mask=m,
+                        other=0.0)
+        g += tl.load(extra_grad_ptr + b * grad_stride) * extra.to(tl.float32)
+    tl.store(p_out, g.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _store_and_shift(out_base, row, j, x_cols, dim, offs, mask, acc_a, acc_b, coef):
+def _store_and_shift(out_base, row, j, x_cols, dim, offs, mask, acc_a, acc_b):
     """Store the finished source row ``row`` (acc_a) and move on: (acc_b, zeros, row + 1)."""
     p_out = out_base + (row * x_cols + j)[:, None] * dim + offs[None, :]
-    tl.store(p_out, (coef * acc_a).to(out_base.dtype.element_ty), mask=mask)
+    tl.store(p_out, acc_a.to(out_base.dtype.element_ty), mask=mask)
     return acc_b, tl.zeros_like(acc_b), row + 1
 
 
 @triton.jit
-def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j, coef,
+def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs, m_j,
                     height_t, x_scale_r, x_rows, PRECISION: tl.constexpr, MAX_STORES: tl.constexpr):
     """Take target row r's gradient g back to the band: store the source rows it is past (at most
     MAX_STORES: interp.band_store_bound), then add W·g with the row weights to source rows cur and
@@ -176,7 +182,7 @@ def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, di
     r0, _, _ = axis_taps(r, x_scale_r, x_rows)
     for _k in tl.static_range(MAX_STORES):  # rows above r0 get nothing more: store them
         if (cur < r0) & (cur < i1):
-            acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
+            acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b)
     w_a = tl.where(cur < i1, tap_weight(cur, r, height_t, x_scale_r, x_rows), 0.0)
     w_b = tl.where(cur + 1 < i1, tap_weight(cur + 1, r, height_t, x_scale_r, x_rows), 0.0)
     u = tl.dot(w_cols, g, input_precision=PRECISION)
@@ -184,11 +190,13 @@ def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, di
 
 
 @triton.jit
-def _target_row_loads(x_base, z_base, s_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset,
+def _target_row_loads(x_base, z_base, s_base, e_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs,
                       x_sn, offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1,
-                      z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY: tl.constexpr):
+                      z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY: tl.constexpr,
+                      EXTRA: tl.constexpr):
     """Everything target row r's gradient reads, raw (combined later): x's 4 tap tiles, z's tap tiles,
-    s0 and s_own; nothing is read when r ≥ r_hi. (x_c0, x_c1), (z_c0, z_c1): the column taps."""
+    s0, s_own and (EXTRA) the extra term's row; nothing is read when r ≥ r_hi. (x_c0, x_c1), (z_c0, z_c1):
+    the column taps."""
     t = r * width_t + c
     # (a [BLOCK_C] comparison, not a scalar one: the interpreter rejects scalar & tensor masks)
     c_in = c_mask & (c * 0 + r < r_hi)
@@ -199,18 +207,36 @@ def _target_row_loads(x_base, z_base, s_base, r, r_hi, c, c_mask, d_mask, width_
                                        Z_IDENTITY)
     s0 = tl.load(s_base + t, mask=c_in, other=0.0)
     s_own = tl.load(s_base + own_offset + t, mask=c_in, other=0.0)
-    return x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own
+    if EXTRA:
+        extra = tl.load(e_base + t[:, None] * dim + offs[None, :], mask=m, other=0.0)
+    else:
+        extra = s0
+    return x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra
+
+
+@triton.jit
+def _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra, r, x_lc, x_rows, x_scale_r,
+                         z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY: tl.constexpr,
+                         EXTRA: tl.constexpr):
+    """Target row r's gradient from its loads: coef·(s0·ẑ − s_own·x̃) (+ extra_coef·extra)."""
+    b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
+    b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
+    g = coef * (s0[:, None] * b_z - s_own[:, None] * b_x)
+    if EXTRA:
+        g += extra_coef * extra.to(tl.float32)
+    return g
 
 
 @triton.jit
 def cosine_bwd_band_kernel(
-    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, table_ptr,
+    x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, table_ptr, extra_ptr, extra_grad_ptr,
     n_tokens, dim, height_t, width_t, own_offset, batch, d_blocks, col_tiles,
     x_rows, x_cols, x_scale_r, x_scale_c, x_sb, x_sn, x_sd,
     z_rows, z_cols, z_scale_r, z_scale_c, z_sb, z_sn, z_sd,
     neg_inv_n, grad_stride,
-    Z_IDENTITY: tl.constexpr, BAND_ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, MAX_STORES: tl.constexpr,
+    Z_IDENTITY: tl.constexpr, EXTRA: tl.constexpr, BAND_ROWS: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    MAX_STORES: tl.constexpr,
 ):
     """One program: a band of BAND_ROWS source rows of x, BLOCK_J source columns, BLOCK_D features.
     It sweeps down the target rows that read the band, building each target row's gradient once
@@ -222,6 +248,9 @@ def cosine_bwd_band_kernel(
     The column adjoint is a small matrix product U = W·G with W[j, c] the weight with which target
     column c reads source column j (the same for every row, built once): the tensor cores do it, at
     PRECISION (tf32 where the gradient is stored in 16 bits, tf32x3 ≈ fp32 otherwise).
+
+    EXTRA: each target row's gradient gets extra_grad[b]·extra[b, row] too (another term's target-grid
+    gradient, contiguous (B, N, D)), so that term shares this adjoint.
 
     table: int32 [first target column of each column tile (col_tiles) | per band, the [lo, hi) run of
     target rows that read it]."""
@@ -249,6 +278,10 @@ def cosine_bwd_band_kernel(
     out_base = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim
     s_base = scal_ptr + b * n_tokens
     coef = tl.load(grad_ptr + b * grad_stride) * neg_inv_n
+    extra_coef = 0.0
+    if EXTRA:
+        extra_coef = tl.load(extra_grad_ptr + b * grad_stride)
+    e_base = extra_ptr + b.to(tl.int64) * n_tokens * dim
     acc_a = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur`
     acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur + 1`
     cur = i0
@@ -261,31 +294,32 @@ def cosine_bwd_band_kernel(
     if STAGES > 1:  # Triton's pipeliner: each row's loads go through shared memory, STAGES - 1 rows ahead
         for k_r in tl.range(0, r_hi - r_lo, num_stages=STAGES):
             r = r_lo + k_r
-            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
-                x_base, z_base, s_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
-                x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
-            b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
-            b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
-            g = s0[:, None] * b_z - s_own[:, None] * b_x
+            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra = _target_row_loads(
+                x_base, z_base, s_base, e_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs, x_sn,
+                offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1,
+                Z_IDENTITY, EXTRA)
+            g = _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra, r, x_lc, x_rows,
+                                     x_scale_r, z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY, EXTRA)
             acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
-                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
+                                                m_j, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     else:
         # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic.
-        x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
-            x_base, z_base, s_base, r_lo, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
-            x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
+        x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra = _target_row_loads(
+            x_base, z_base, s_base, e_base, r_lo, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs, x_sn,
+            offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1,
+            Z_IDENTITY, EXTRA)
         for k_r in range(r_hi - r_lo):
             r = r_lo + k_r
-            b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
-            b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
-            g = s0[:, None] * b_z - s_own[:, None] * b_x
-            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own = _target_row_loads(
-                x_base, z_base, s_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, x_sn, offs_x, x_rows,
-                x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY)
+            g = _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra, r, x_lc, x_rows,
+                                     x_scale_r, z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY, EXTRA)
+            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra = _target_row_loads(
+                x_base, z_base, s_base, e_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs,
+                x_sn, offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0,
+                z_c1, Z_IDENTITY, EXTRA)
             acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
-                                                m_j, coef, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
+                                                m_j, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     while cur < i1:
-        acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b, coef)
+        acc_a, acc_b, cur = _store_and_shift(out_base, cur, j, x_cols, dim, offs, m_j, acc_a, acc_b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,32 +507,47 @@ def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean:
     return _launch_forward(h, y, h_grid, y_grid, target_grid, mean, tiles)
 
 
-def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row, tiles):
-    """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input."""
+def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row, tiles, extra=None, extra_grad=None):
+    """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input.
+    ``extra``: another term's gradient on the target grid (B, N_t, D), added with the weights
+    ``extra_grad`` (B,) before the adjoint, which it then shares."""
     batch, n_x, dim = x.shape
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
+    extra_args = dict(extra_ptr=grad, extra_grad_ptr=grad, EXTRA=False)
+    if extra is not None:
+        if mean or extra.shape != (batch, target_grid[0] * target_grid[1], dim) or not extra.is_contiguous():
+            raise ValueError(f"extra must be a contiguous (B, N_target, D) gradient of a per-sample loss, got "
+                             f"{tuple(extra.shape)} with mean={mean}")
+        extra_args = dict(extra_ptr=extra, extra_grad_ptr=extra_grad, EXTRA=True)
     if tuple(x_grid) == tuple(target_grid):
         grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row, tiles)
         cosine_bwd_identity_kernel[grid](x_ptr=x, z_ptr=z, out_ptr=out, scal_ptr=scal, grad_ptr=grad,
-                                         **_grad_scale(args, batch, mean), **_strides("x", x), **_strides("z", z),
-                                         **meta)
+                                         **extra_args, **_grad_scale(args, batch, mean), **_strides("x", x),
+                                         **_strides("z", z), **meta)
     else:
         grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype, z.dtype,
                                              tiles)
         cosine_bwd_band_kernel[grid](x_ptr=x, z_ptr=z, out_ptr=out, scal_ptr=scal, grad_ptr=grad,
-                                     table_ptr=device_table(table, x.device), **_grad_scale(args, batch, mean),
-                                     **_strides("x", x), **_strides("z", z), **meta)
+                                     table_ptr=device_table(table, x.device), **extra_args,
+                                     **_grad_scale(args, batch, mean), **_strides("x", x), **_strides("z", z),
+                                     **meta)
     return out
 
 
 def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid,
              needs_h: bool, needs_y: bool, *, saved: torch.Tensor, mean: bool = False,
-             tiles: CosineTiles | None = None):
+             tiles: CosineTiles | None = None, extra=(None, None), extra_grad: torch.Tensor | None = None):
     """(∂/∂h, ∂/∂y) of Σ_b grad[0, b]·loss_b, or with ``mean`` of grad[0, 0]·mean_b loss_b, in h's and
     y's dtypes (None where not needed). grad: (1, B) or (1, 1) float32; saved: the forward's scalars;
-    ``tiles``: a tile config to try (tuning); None, the defaults."""
+    ``tiles``: a tile config to try (tuning); None, the defaults. ``extra`` (per-sample losses only): another
+    term's gradients on the target grid, (B, N_t, D) or None for h and y, added with the per-sample weights
+    ``extra_grad`` (B,) float32 before the transposed resampling (U-REPA's manifold term shares it)."""
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         grad = grad.to(torch.float32).contiguous()
-    grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 1, tiles) if needs_h else None
-    grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 2, tiles) if needs_y else None
+    if extra_grad is not None and (extra_grad.dtype != torch.float32 or not extra_grad.is_contiguous()):
+        extra_grad = extra_grad.to(torch.float32).contiguous()
+    grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 1, tiles, extra[0],
+                      extra_grad) if needs_h else None
+    grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 2, tiles, extra[1],
+                      extra_grad) if needs_y else None
     return grad_h, grad_y

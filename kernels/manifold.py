@@ -63,10 +63,10 @@ N_STATS = 6
 
 
 def algorithm_costs(n_tokens: int, dim: int, grads: int) -> dict[str, float]:
-    """FLOPs per image of each algorithm for the loss and ``grads`` (0–2) input gradients."""
-    if grads == 0:
-        return {"tiled": 2.0 * n_tokens**2 * dim, "gram": 8.0 * n_tokens * dim**2}
-    return {"tiled": (4.0 + 2.0 * grads) * n_tokens**2 * dim, "gram": (8.0 + 4.0 * grads) * n_tokens * dim**2}
+    """FLOPs per image of each algorithm for the loss and ``grads`` (0–2) input gradients: tiled, the
+    i ≤ j similarity tiles (2·N²·D) plus a panel product per gradient (2·N²·D; the symmetric form, see
+    _tiled_form); gram, three D×D blocks (6·N·D²) plus a product per gradient (4·N·D²)."""
+    return {"tiled": (2.0 + 2.0 * grads) * n_tokens**2 * dim, "gram": (6.0 + 4.0 * grads) * n_tokens * dim**2}
 
 
 def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "auto") -> str:
@@ -305,17 +305,70 @@ def manifold_fwd_gram_grad_kernel(g_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, di
 
 
 @triton.jit
-def manifold_bwd_scale_kernel(part_ptr, grad_ptr, out_ptr, per_image, grad_stride, ACCUMULATE: tl.constexpr,
-                              BLOCK: tl.constexpr, RTNE: tl.constexpr):
-    """The whole backward of a gradient made in the forward: out[b] (+)= grad[b]·part[b] (contiguous
-    (B, ...) tensors, per_image elements each); grid (blocks, B)."""
+def manifold_fwd_gram_combine_kernel(zx_ptr, dd_ptr, factor_ptr, partial_ptr, dim, factor_stride, scale,
+                                     SIGN_H: tl.constexpr, SIGN_Y: tl.constexpr, FACTORS: tl.constexpr,
+                                     BLOCK: tl.constexpr, RTNE: tl.constexpr):
+    """Gram path, from the blocks XᵀX, ΔᵀX (zx = [XᵀX; ΔᵀX], (c, 2D, D) fp32) and ΔᵀΔ (dd, (c, D, D)):
+    partial[b, tile] = scale·Σ_tile (XᵀX ∘ ΔᵀΔ + ΔᵀX ∘ (ΔᵀX)ᵀ), and for each of the FACTORS gradients
+    (signs SIGN_H then SIGN_Y) its factor [ΔᵀX + s·ΔᵀΔ; XᵀX + s·XᵀΔ] (2D × D, the module notes' ½·[ΔᵀX̂; XᵀX̂]
+    times 4). grid (row tiles, column tiles, images of the chunk)."""
+    ta = tl.program_id(0)
+    tb = tl.program_id(1)
+    local = tl.program_id(2)
+    rows = ta * BLOCK + tl.arange(0, BLOCK)
+    cols = tb * BLOCK + tl.arange(0, BLOCK)
+    m = (rows < dim)[:, None] & (cols < dim)[None, :]
+    square = dim * dim
+    zx_b = zx_ptr + local.to(tl.int64) * 2 * square
+    at = rows[:, None] * dim + cols[None, :]       # [a, b]
+    at_t = cols[None, :] * dim + rows[:, None]     # [b, a]
+    xx = tl.load(zx_b + at, mask=m, other=0.0)
+    dx = tl.load(zx_b + square + at, mask=m, other=0.0)
+    dx_t = tl.load(zx_b + square + at_t, mask=m, other=0.0)
+    dd = tl.load(dd_ptr + local.to(tl.int64) * square + at, mask=m, other=0.0)
+    total = tl.sum(tl.sum(xx * dd + dx * dx_t, axis=1), axis=0)
+    tl.store(partial_ptr + local * tl.num_programs(0) * tl.num_programs(1) + ta * tl.num_programs(1) + tb,
+             scale * total)
+    for index in tl.static_range(FACTORS):
+        sign = SIGN_H if index == 0 else SIGN_Y
+        f_b = factor_ptr + index * factor_stride + local.to(tl.int64) * 2 * square
+        tl.store(f_b + at, _rounded(dx + sign * dd, factor_ptr.dtype.element_ty, RTNE), mask=m)
+        tl.store(f_b + square + at, _rounded(xx + sign * dx_t, factor_ptr.dtype.element_ty, RTNE), mask=m)
+
+
+@triton.jit
+def manifold_fwd_finish_kernel(partial_ptr, cos_ptr, out_ptr, n_partials, n_tokens, batch, COSINE: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """The losses (T, B) from the partials (B, P), each summed in a fixed order (deterministic): the manifold
+    loss in the last row and, with COSINE, −(1/N) Σ_n ĥ_n·ŷ_n from the stats plane COS (B, N) in row 0.
+    grid (B,)."""
+    b = tl.program_id(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, n_partials, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + b * n_partials + i, mask=i < n_partials, other=0.0)
+    if COSINE:
+        cos = tl.zeros((BLOCK,), dtype=tl.float32)
+        p_cos = cos_ptr + b.to(tl.int64) * n_tokens
+        for t0 in range(0, n_tokens, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            cos += tl.load(p_cos + t, mask=t < n_tokens, other=0.0)
+        tl.store(out_ptr + b, -tl.sum(cos, axis=0) / n_tokens)
+        tl.store(out_ptr + batch + b, tl.sum(acc, axis=0))
+    else:
+        tl.store(out_ptr + b, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def manifold_bwd_scale_kernel(part_ptr, grad_ptr, out_ptr, per_image, grad_stride, BLOCK: tl.constexpr,
+                              RTNE: tl.constexpr):
+    """The whole backward of a gradient made in the forward on the input's own grid: out[b] =
+    grad[b]·part[b] (contiguous (B, ...) tensors, per_image elements each); grid (blocks, B)."""
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < per_image
     base = b.to(tl.int64) * per_image
     value = tl.load(part_ptr + base + offs, mask=m, other=0.0).to(tl.float32) * tl.load(grad_ptr + b * grad_stride)
-    if ACCUMULATE:
-        value += tl.load(out_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + base + offs, _rounded(value, out_ptr.dtype.element_ty, RTNE), mask=m)
 
 
@@ -410,10 +463,12 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
 
 
 @triton.jit
-def manifold_grad_adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height_t, width_t, height_s,
-                    width_s, scale_h, scale_w, k_rows, k_cols, stride_gb, stride_gn, stride_ob, stride_on,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, RTNE: tl.constexpr):
-    """out[b, s] = Σ_t w(t, s)·g[b, t]: the transposed bilinear resampling as a gather (deterministic).
+def manifold_bwd_adjoint_kernel(g_ptr, grad_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src, dim, height_t, width_t,
+                                height_s, width_s, scale_h, scale_w, k_rows, k_cols, stride_gb, stride_gn, stride_ob,
+                                stride_on, grad_stride, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                                RTNE: tl.constexpr):
+    """out[b, s] = grad[b]·Σ_t w(t, s)·g[b, t]: a target-grid gradient made in the forward, scaled by the
+    upstream gradient and taken back by the transposed bilinear resampling, as a gather (deterministic).
 
     Source token s = (row, col) is read by target rows start_r[row] … + k_rows − 1 and columns
     start_c[col] … + k_cols − 1 (interp.adjoint_span); interp.tap_weight zeroes the rest.
@@ -440,6 +495,7 @@ def manifold_grad_adjoint_kernel(g_ptr, out_ptr, start_r_ptr, start_c_ptr, n_src
                 taps = tl.load(g_b + (t_row * width_t + t_col)[:, None] * stride_gn + ds[None, :], mask=m,
                                other=0.0)
                 acc += w[:, None] * taps.to(tl.float32)
+        acc *= tl.load(grad_ptr + b * grad_stride)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + src[:, None] * stride_on + ds[None, :],
                  _rounded(acc, out_ptr.dtype.element_ty, RTNE), mask=m_s[:, None] & m_d[None, :])
 
@@ -471,16 +527,20 @@ class Tiles:
     prod_block_d: int = 256
     prod_warps: int = 8
     prod_stages: int = 3
+    prepass_block_t: int = 2
     vec_block_t: int = 4
     vec_block_d: int = 512
     vec_warps: int = 4
     scale_block: int = 4096
+    finish_block: int = 1024
+    gram_block: int = 64
+    gram_warps: int = 4
     # Panels of S_h − S_y and Gram chunks are processed in rounds that fit this many bytes: peak memory
     # has no term in N² (a panel row block is BLOCK_M × N), whatever the batch.
     workspace_bytes: int = 32 * 2**20
     # Where 128-wide panel tiles would give fewer programs than this many per multiprocessor (small N,
     # small B), the panels take 64-wide tiles and the products 128-wide D chunks (for_panels).
-    small_programs_per_sm: int = 2
+    small_programs_per_sm: int = 1
     small_block: int = 64
     small_warps: int = 4
     small_prod_block_d: int = 128
@@ -490,8 +550,8 @@ class Tiles:
         if triton_interpreter():
             return cls(fwd_block=16, fwd_block_k=32, fwd_warps=1, fwd_stages=1, panel_block_m=16,
                        panel_block_n=16, panel_block_k=32, panel_warps=1, panel_stages=1, prod_block_k=16,
-                       prod_block_d=16, prod_warps=1, prod_stages=1, vec_block_t=16, vec_block_d=32,
-                       vec_warps=1, scale_block=64, workspace_bytes=8 * 2**10)
+                       prod_block_d=16, prod_warps=1, prod_stages=1, prepass_block_t=16, vec_block_t=16, vec_block_d=32,
+                       vec_warps=1, scale_block=64, finish_block=16, gram_block=16, gram_warps=1, workspace_bytes=8 * 2**10)
         if element_size > 2:
             return dataclasses.replace(TILES, fwd_block_k=TILES.fwd_block_k // 2,
                                        panel_block_k=TILES.panel_block_k // 2,
@@ -553,7 +613,7 @@ def _prepare(h, y, h_grid, y_grid, target_grid, sum_diff: bool) -> _Prepared:
     z = torch.empty(batch, n_tokens, 2 * dim, dtype=torch.promote_types(h.dtype, y.dtype), device=h.device)
     stats = torch.empty(N_STATS, batch, n_tokens, dtype=torch.float32, device=h.device)
     cfg = Tiles.current()
-    manifold_prepass_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), batch)](
+    manifold_prepass_kernel[(triton.cdiv(n_tokens, cfg.prepass_block_t), batch)](
         h_ptr=h, y_ptr=y, z_ptr=z, stats_ptr=stats, batch=batch, n_tokens=n_tokens, dim=dim,
         width_t=target_grid[1], stride_hb=h.stride(0), stride_hn=h.stride(1), stride_hd=h.stride(2),
         stride_yb=y.stride(0), stride_yn=y.stride(1), stride_yd=y.stride(2), stride_zb=z.stride(0),
@@ -562,12 +622,12 @@ def _prepare(h, y, h_grid, y_grid, target_grid, sum_diff: bool) -> _Prepared:
         y_height=y_grid[0], y_width=y_grid[1],
         y_scale_h=interp.axis_scale(y_grid[0], target_grid[0]), y_scale_w=interp.axis_scale(y_grid[1], target_grid[1]),
         H_IDENTITY=tuple(h_grid) == tuple(target_grid), Y_IDENTITY=tuple(y_grid) == tuple(target_grid),
-        SUM_DIFF=sum_diff, RTNE=_rtne(z), BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+        SUM_DIFF=sum_diff, RTNE=_rtne(z), BLOCK_T=cfg.prepass_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
     return _Prepared(z, stats)
 
 
-def _tiled_loss(prep: _Prepared, out: torch.Tensor) -> None:
-    """out (B,) = the manifold loss by the symmetric tiles (no gradient)."""
+def _tiled_loss(prep: _Prepared) -> torch.Tensor:
+    """The manifold loss's partials (B, P) by the symmetric tiles (no gradient)."""
     batch, n_tokens, dim = prep.shape
     cfg = Tiles.current(prep.z.element_size())
     tiles = triton.cdiv(n_tokens, cfg.fwd_block)
@@ -578,7 +638,7 @@ def _tiled_loss(prep: _Prepared, out: torch.Tensor) -> None:
         z_ptr=prep.z, partial_ptr=partial, n_tokens=n_tokens, dim=dim, n_pairs=pairs, scale=1.0 / n_tokens**2,
         stride_zb=prep.z.stride(0), stride_zn=prep.z.stride(1), BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **prep.dot_args())
-    torch.sum(partial, 1, out=out)
+    return partial
 
 
 def _tiled_form(batch: int, n_tokens: int, element_size: int, cfg: Tiles, algorithm: str) -> tuple[str, int]:
@@ -596,8 +656,8 @@ def _tiled_form(batch: int, n_tokens: int, element_size: int, cfg: Tiles, algori
     return form, triton.cdiv(items, triton.cdiv(items, per_round))
 
 
-def _tiled_loss_and_grads(prep: _Prepared, out, grads, algorithm: str = "tiled") -> None:
-    """out (B,) = the loss; grads: [(own, target-grid buffer)] get ∂L_man/∂x (x = h: own 0, y: own 1).
+def _tiled_loss_and_grads(prep: _Prepared, grads, algorithm: str = "tiled") -> torch.Tensor:
+    """The loss's partials (B, P); grads: [(own, target-grid buffer)] get ∂L_man/∂x (x = h: own 0, y: own 1).
     ``algorithm``: "tiled" (the form by size), "tiled-symmetric" or "tiled-rows" (_tiled_form)."""
     batch, n_tokens, dim = prep.shape
     z = prep.z
@@ -642,7 +702,7 @@ def _tiled_loss_and_grads(prep: _Prepared, out, grads, algorithm: str = "tiled")
                 stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), BLOCK_M=block,
                 BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, RTNE=_rtne(buf), num_warps=cfg.prod_warps,
                 num_stages=cfg.prod_stages, **dot_args)
-    torch.sum(loss, 1, out=out)
+    return loss
 
 
 def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -652,35 +712,45 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def _gram_loss_and_grads(prep: _Prepared, out, grads) -> None:
-    """The Gram path on Z = [X | Δ], in chunks of images that fit the workspace (see the module notes)."""
+def _gram_loss_and_grads(prep: _Prepared, grads) -> torch.Tensor:
+    """The loss's partials (B, P) and the gradients (as _tiled_loss_and_grads) by the Gram path on Z = [X | Δ], in chunks of images that fit the workspace (see the module notes):
+    two products give the three D×D blocks it needs (6·N·D²: ZᵀX = [XᵀX; ΔᵀX] and ΔᵀΔ; XᵀΔ is ΔᵀX
+    transposed), one kernel takes the loss and the right-hand factors of the gradients from them, and
+    one more product per gradient (4·N·D²) goes through manifold_fwd_gram_grad_kernel."""
     batch, n_tokens, dim = prep.shape
     z = prep.z
     cfg = Tiles.current()
-    per_image = 4 * (4 * dim * dim + (n_tokens * dim if grads else 0))
+    # A bf16 factor is rounded by 2^-9 before the normaliser's projection removes most of G: at small D
+    # (launch-bound anyway) multiply by the fp32 factor (bf16 fuzz: 1.1e-2 -> < 1e-2).
+    exact = dim <= SMALL_DIM or z.dtype == torch.float32
+    factor_dtype = torch.float32 if exact else z.dtype
+    per_image = 4 * 3 * dim * dim + len(grads) * (2 * dim * dim * factor_dtype.itemsize + 4 * n_tokens * dim)
     chunk = max(1, min(batch, cfg.workspace_bytes // per_image))
+    block = cfg.gram_block
+    tiles = triton.cdiv(dim, block)
+    partial = torch.empty(batch, tiles * tiles, dtype=torch.float32, device=z.device)
     for b0 in range(0, batch, chunk):
         zc = z[b0:b0 + chunk]
-        gram = _bmm_f32(zc.mT, zc)  # [[XᵀX, XᵀΔ], [ΔᵀX, ΔᵀΔ]]
-        xx, xd = gram[:, :dim, :dim], gram[:, :dim, dim:]
-        dx, dd = gram[:, dim:, :dim], gram[:, dim:, dim:]
-        total = (xx * dd).sum((1, 2)) + (dx * dx.mT).sum((1, 2))
-        torch.mul(total, 0.5 / n_tokens**2, out=out[b0:b0 + chunk])
-        for own, buf in grads:
-            sign = 1.0 - 2.0 * own
-            # (S_h − S_y)X̂ = ½ Z·[ΔᵀX̂; XᵀX̂] = ¼ Z·[ΔᵀX ± ΔᵀΔ; XᵀX ± XᵀΔ]
-            product = torch.cat((torch.add(dx, dd, alpha=sign), torch.add(xx, xd, alpha=sign)), 1)
-            # A bf16 product is rounded by 2^-9 before the normaliser's projection removes most of G: at
-            # small D (launch-bound anyway) multiply by the fp32 product (bf16 fuzz: 1.1e-2 -> < 1e-2).
-            exact = dim <= SMALL_DIM or z.dtype == torch.float32
-            g = torch.bmm(zc.float(), product) if exact else _bmm_f32(zc, product.to(z.dtype))
-            del product
-            manifold_fwd_gram_grad_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), zc.shape[0])](
+        count = zc.shape[0]
+        zx = _bmm_f32(zc.mT, zc[:, :, :dim])                  # [XᵀX; ΔᵀX]   (count, 2D, D)
+        dd = _bmm_f32(zc[:, :, dim:].mT, zc[:, :, dim:])      # ΔᵀΔ          (count, D, D)
+        factors = torch.empty(len(grads), count, 2 * dim, dim, dtype=factor_dtype, device=z.device)
+        manifold_fwd_gram_combine_kernel[(tiles, tiles, count)](
+            zx_ptr=zx, dd_ptr=dd, factor_ptr=factors, partial_ptr=partial[b0:], dim=dim,
+            factor_stride=count * 2 * dim * dim, scale=0.5 / n_tokens**2,
+            SIGN_H=1.0 if grads and grads[0][0] == 0 else -1.0, SIGN_Y=-1.0,
+            FACTORS=len(grads), BLOCK=block, RTNE=_rtne(factors), num_warps=cfg.gram_warps)
+        del zx, dd
+        for index, (own, buf) in enumerate(grads):
+            factor = factors[index]
+            g = torch.bmm(zc.float(), factor) if exact else _bmm_f32(zc, factor)
+            manifold_fwd_gram_grad_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), count)](
                 g_ptr=g, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf, n_tokens=n_tokens, dim=dim, batch=batch,
-                b0=b0, own=own, coef=sign / n_tokens**2, stride_zb=z.stride(0), stride_zn=z.stride(1),
-                stride_ob=buf.stride(0), stride_on=buf.stride(1), RTNE=_rtne(buf), BLOCK_T=cfg.vec_block_t,
-                BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+                b0=b0, own=own, coef=(1.0 - 2.0 * own) / n_tokens**2, stride_zb=z.stride(0),
+                stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), RTNE=_rtne(buf),
+                BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
             del g
+    return partial
 
 
 def _part_dtype(x: torch.Tensor) -> torch.dtype:
@@ -690,30 +760,32 @@ def _part_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype == torch.float16 else x.dtype
 
 
-def _adjoint(grad_t: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
-    """The transposed resampling of a target-grid gradient back to ``like``'s grid (a gather)."""
+def _scaled_adjoint(part: torch.Tensor, grad_row: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
+    """grad_row[b]·part[b] taken back to ``like``'s grid by the transposed resampling (a gather), in
+    like's dtype."""
     batch, n_src, dim = like.shape
-    out = torch.empty(like.shape, dtype=_part_dtype(like), device=like.device)
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     start_r, k_rows = interp.adjoint_start_table(grid[0], target_grid[0], like.device)
     start_c, k_cols = interp.adjoint_start_table(grid[1], target_grid[1], like.device)
     cfg = Tiles.current()
-    manifold_grad_adjoint_kernel[(triton.cdiv(n_src, cfg.vec_block_t), batch)](
-        g_ptr=grad_t, out_ptr=out, start_r_ptr=start_r, start_c_ptr=start_c, n_src=n_src, dim=dim,
-        height_t=target_grid[0], width_t=target_grid[1], height_s=grid[0], width_s=grid[1],
+    manifold_bwd_adjoint_kernel[(triton.cdiv(n_src, cfg.vec_block_t), batch)](
+        g_ptr=part, grad_ptr=grad_row, out_ptr=out, start_r_ptr=start_r, start_c_ptr=start_c, n_src=n_src,
+        dim=dim, height_t=target_grid[0], width_t=target_grid[1], height_s=grid[0], width_s=grid[1],
         scale_h=interp.axis_scale(grid[0], target_grid[0]), scale_w=interp.axis_scale(grid[1], target_grid[1]),
-        k_rows=k_rows, k_cols=k_cols, stride_gb=grad_t.stride(0), stride_gn=grad_t.stride(1),
-        stride_ob=out.stride(0), stride_on=out.stride(1), RTNE=_rtne(out), BLOCK_S=cfg.vec_block_t,
-        BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+        k_rows=k_rows, k_cols=k_cols, stride_gb=part.stride(0), stride_gn=part.stride(1),
+        stride_ob=out.stride(0), stride_on=out.stride(1), grad_stride=grad_row.stride(0), RTNE=_rtne(out),
+        BLOCK_S=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
     return out
 
 
-def _target_buffer(x: torch.Tensor, grid, target_grid) -> torch.Tensor:
-    """Where the kernels write x's target-grid gradient, in ``_part_dtype(x)``: the part itself when no
-    resampling follows, else the adjoint's input."""
-    if tuple(grid) == tuple(target_grid):
-        return torch.empty(x.shape, dtype=_part_dtype(x), device=x.device)
-    return torch.empty(x.shape[0], target_grid[0] * target_grid[1], x.shape[2], dtype=_part_dtype(x),
-                       device=x.device)
+def part_shape(x: torch.Tensor, target_grid) -> tuple[int, int, int]:
+    """The shape of x's part: its gradient on the target grid, (B, N_target, D) (ops.dispatch's protocol)."""
+    return (x.shape[0], target_grid[0] * target_grid[1], x.shape[2])
+
+
+def _target_buffer(x: torch.Tensor, target_grid) -> torch.Tensor:
+    """Where the kernels write x's part: its target-grid gradient in ``_part_dtype(x)``."""
+    return torch.empty(part_shape(x, target_grid), dtype=_part_dtype(x), device=x.device)
 
 
 def _check_dtypes(h, y) -> None:
@@ -723,11 +795,14 @@ def _check_dtypes(h, y) -> None:
     check_kernel_dtype("y", y)
 
 
-def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=False, algorithm="auto"):
-    """(loss (B,) fp32, stats (N_STATS, B, N) fp32, ∂/∂h | None, ∂/∂y | None) of the per-image manifold
-    loss (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)², gradients in the inputs' shapes and dtypes (float32 for float16:
-    _part_dtype) (row b: image b's own gradient). h: (B, N_h, D) on h_grid, y: (B, N_y, D) on y_grid, both resampled to target_grid.
-    ``algorithm``: "auto" (cost model), "tiled" or "gram"."""
+def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=False, algorithm="auto",
+                   cosine=False):
+    """(losses (T, B) fp32, stats (N_STATS, B, N) fp32, part_h | None, part_y | None) of the per-image
+    manifold loss (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² (the last row), after the cosine alignment term
+    −(1/N) Σ_n ĥ_n·ŷ_n with ``cosine`` (T = 2). h: (B, N_h, D) on h_grid, y: (B, N_y, D) on y_grid, both
+    resampled to target_grid. part_x: the gradient with respect to x resampled to the target grid
+    (part_shape; x's dtype, float32 for float16: _part_dtype; row b: image b's own gradient); the backward
+    scales it and takes it back through the transposed resampling. ``algorithm``: one of ALGORITHMS."""
     _check_dtypes(h, y)
     _, _, dim = h.shape
     n_tokens = target_grid[0] * target_grid[1]
@@ -735,21 +810,22 @@ def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=Fal
     wanted += [(1, y, y_grid)] if needs_y else []
     choice = choose_algorithm(n_tokens, dim, len(wanted), algorithm)
     prep = _prepare(h, y, h_grid, y_grid, target_grid, sum_diff=choice == "gram")
-    loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    buffers = [(own, _target_buffer(x, grid, target_grid)) for own, x, grid in wanted]
+    buffers = [(own, _target_buffer(x, target_grid)) for own, x, _ in wanted]
     if choice == "gram":
-        _gram_loss_and_grads(prep, loss, buffers)
+        partial = _gram_loss_and_grads(prep, buffers)
     elif buffers:
         forced = algorithm if algorithm != "auto" else ALGORITHM
-        _tiled_loss_and_grads(prep, loss, buffers, forced if forced.startswith("tiled") else "tiled")
+        partial = _tiled_loss_and_grads(prep, buffers, forced if forced.startswith("tiled") else "tiled")
     else:
-        _tiled_loss(prep, loss)
-    stats = prep.stats
-    del prep  # Z goes before the resampled gradients are allocated (peak memory)
+        partial = _tiled_loss(prep)
+    losses = torch.empty(2 if cosine else 1, h.shape[0], dtype=torch.float32, device=h.device)
+    manifold_fwd_finish_kernel[(h.shape[0],)](
+        partial_ptr=partial, cos_ptr=prep.stats[COS], out_ptr=losses, n_partials=partial.shape[1],
+        n_tokens=n_tokens, batch=h.shape[0], COSINE=cosine, BLOCK=Tiles.current().finish_block, num_warps=4)
     parts = [None, None]
-    for (own, x, grid), (_, buf) in zip(wanted, buffers):
-        parts[own] = buf if tuple(grid) == tuple(target_grid) else _adjoint(buf, x, grid, target_grid)
-    return loss, stats, parts[0], parts[1]
+    for own, buf in buffers:
+        parts[own] = buf
+    return losses, prep.stats, parts[0], parts[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -758,26 +834,34 @@ def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=Fal
 
 def manifold_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_y=False, algorithm="auto"):
     """((1, B) fp32 manifold losses, None, ∂(Σ_b L_b)/∂h | None, ∂/∂y | None)."""
-    loss, _, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm)
-    return loss.unsqueeze(0), None, part_h, part_y
+    losses, _, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm)
+    return losses, None, part_h, part_y
 
 
-def _scale_into(out: torch.Tensor, part: torch.Tensor, grad_row: torch.Tensor, accumulate: bool) -> torch.Tensor:
-    """out[b] (+)= grad_row[b]·part[b], in one pass; the part stays as saved, so a second backward
+def _scale_into(out: torch.Tensor, part: torch.Tensor, grad_row: torch.Tensor) -> torch.Tensor:
+    """out[b] = grad_row[b]·part[b], in one pass; the part stays as saved, so a second backward
     (retain_graph=True) sees it unchanged."""
     cfg = Tiles.current()
     per_image = part[0].numel()
     manifold_bwd_scale_kernel[(triton.cdiv(per_image, cfg.scale_block), part.shape[0])](
         part_ptr=part, grad_ptr=grad_row, out_ptr=out, per_image=per_image, grad_stride=grad_row.stride(0),
-        ACCUMULATE=accumulate, BLOCK=cfg.scale_block, RTNE=_rtne(out), num_warps=4)
+        BLOCK=cfg.scale_block, RTNE=_rtne(out), num_warps=4)
     return out
 
 
 def manifold_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *, parts):
-    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b]: the forward's gradients, scaled."""
+    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_man[b]: the forward's target-grid gradients, scaled
+    and taken back to each input's grid (one pass each)."""
     row = grad[0].float()
-    return tuple(_scale_into(torch.empty(part.shape, dtype=x.dtype, device=part.device), part, row, False)
-                 if needs else None for part, x, needs in zip(parts, (h, y), (needs_h, needs_y)))
+    out = []
+    for part, x, grid, needs in zip(parts, (h, y), (h_grid, y_grid), (needs_h, needs_y)):
+        if not needs:
+            out.append(None)
+        elif tuple(grid) == tuple(target_grid):
+            out.append(_scale_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), part, row))
+        else:
+            out.append(_scaled_adjoint(part, row, x, grid, target_grid))
+    return tuple(out)
 
 
 def urepa_saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
@@ -788,21 +872,17 @@ def urepa_saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]
 def urepa_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_y=False, algorithm="auto"):
     """((2, B) fp32: row 0 −(1/N) Σ_n ĥ_n·ŷ_n, row 1 the manifold loss; the cosine scalars (3, B, N);
     the manifold term's gradients), from one pre-pass."""
-    loss, stats, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm)
-    out = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
-    torch.sum(stats[COS], 1, out=out[0]).mul_(-1.0 / stats.shape[2])
-    out[1].copy_(loss)
-    return out, stats[:3], part_h, part_y
+    losses, stats, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm,
+                                                   cosine=True)
+    return losses, stats[:3], part_h, part_y
 
 
 def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *, saved, parts):
-    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b]: the cosine term by
-    kernels/cosine.py's backward from the pre-pass's scalars, plus the forward's manifold gradients."""
+    """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b], in one pass per input:
+    kernels/cosine.py's backward makes the cosine term from the pre-pass's scalars and adds the forward's
+    target-grid manifold gradients, weighted by grad[1], before the transposed resampling they share."""
     from . import cosine
 
     grad = grad.float().contiguous()
-    grad_h, grad_y = cosine.backward(grad[:1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y, saved=saved)
-    for out, part in ((grad_h, parts[0]), (grad_y, parts[1])):
-        if out is not None:
-            _scale_into(out, part, grad[1], True)
-    return grad_h, grad_y
+    return cosine.backward(grad[:1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y, saved=saved,
+                           extra=parts, extra_grad=grad[1])

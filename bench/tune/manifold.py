@@ -26,29 +26,31 @@ def split(case, rate):
     grids = (case.h_grid, case.y_grid, case.target_grid)
     n, d, b = case.target_grid[0] * case.target_grid[1], case.dim, case.batch
     print(f"{case.name}: B={b} N={n} D={d} auto={M.choose_algorithm(n, d, grads=1)}")
-    for algorithm in ("tiled", "gram"):
-        work = M.algorithm_costs(n, d, grads=1)[algorithm] * b
+    for algorithm in ("tiled-symmetric", "tiled-rows", "gram"):
+        work = M.algorithm_costs(n, d, grads=1)["gram" if algorithm == "gram" else "tiled"] * b
         t = ms(lambda: M.urepa_forward(h, y, *grids, needs_h=True, algorithm=algorithm))
-        print(f"  forward+gradient {algorithm:5}: {t:.3f} ms ({work / t / 1e9:.0f} TFLOP/s, "
-              f"{100 * work / t / 1e9 / rate:.0f}% of mm)")
+        print(f"  forward+gradient {algorithm:15}: {t:.3f} ms ({work / t / 1e9:.0f} TFLOP/s on the "
+              f"symmetric count, {100 * work / t / 1e9 / rate:.0f}% of mm)")
         sum_diff = algorithm == "gram"
         print(f"    pre-pass: {ms(lambda: M._prepare(h, y, *grids, sum_diff)):.3f} ms")
         prep = M._prepare(h, y, *grids, sum_diff)
-        loss = torch.empty(b, device="cuda")
-        buf = M._target_buffer(h, case.h_grid, case.target_grid)
-        core = M._gram_loss_and_grads if sum_diff else M._tiled_loss_and_grads
-        print(f"    loss+grad core: {ms(lambda: core(prep, loss, [(0, buf)])):.3f} ms")
-        if not sum_diff:
-            print(f"    loss only (symmetric tiles): {ms(lambda: M._tiled_loss(prep, loss)):.3f} ms")
-        if tuple(case.h_grid) != tuple(case.target_grid):
-            print(f"    adjoint: {ms(lambda: M._adjoint(buf, h, case.h_grid, case.target_grid)):.3f} ms")
+        buf = M._target_buffer(h, case.target_grid)
+        if sum_diff:
+            core = lambda: M._gram_loss_and_grads(prep, [(0, buf)])
+        else:
+            core = lambda: M._tiled_loss_and_grads(prep, [(0, buf)], algorithm)
+        print(f"    loss+grad core: {ms(core):.3f} ms")
+        if algorithm == "tiled-symmetric":
+            print(f"    loss only (symmetric tiles): {ms(lambda: M._tiled_loss(prep)):.3f} ms")
         del prep, buf
-    _, saved, part_h, _ = M.urepa_forward(h, y, *grids, needs_h=True)
+    out, saved, part_h, _ = M.urepa_forward(h, y, *grids, needs_h=True)
     grad = torch.ones(2, b, device="cuda")
-    print(f"  urepa backward (cosine + scaled part): "
+    print(f"  urepa backward (cosine + the manifold part, one adjoint): "
           f"{ms(lambda: M.urepa_backward(grad, h, y, *grids, True, False, saved=saved, parts=(part_h, None))):.3f} ms")
-    print(f"    of which cosine backward: "
+    print(f"    cosine backward alone: "
           f"{ms(lambda: cosine.backward(grad[:1], h, y, *grids, True, False, saved=saved)):.3f} ms")
+    print(f"  manifold backward (the part scaled, taken back): "
+          f"{ms(lambda: M.manifold_backward(grad[1:], h, y, *grids, True, False, parts=(part_h, None))):.3f} ms")
 
 
 def main():

@@ -41,13 +41,22 @@ ForwardImpl = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor
 BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 # grad_in_forward (loss kernels that make the gradient with the loss, as fused loss kernels do):
 #   forward(h, y, h_grid, y_grid, target_grid, needs_h=, needs_y=) -> (losses, saved | None, part_h | None,
-#       part_y | None), part_x = ∂(Σ_b loss[T−1, b])/∂x (x's shape and dtype; image b's rows are image b's
-#       own gradient) when needs_x; the backward then gets ``parts=(part_h, part_y)`` and scales them by
-#   the upstream gradient (and adds what the other terms need).
+#       part_y | None), part_x = ∂(Σ_b loss[T−1, b])/∂x̃ when needs_x, x̃ being x resampled to the target grid
+#       (part_like: (B, N_target, D), x's dtype but float32 for float16, whose range is too short for a
+#       gradient that is scaled only later; image b's rows are image b's own gradient); the backward then
+#       gets ``parts=(part_h, part_y)``, scales them by the upstream gradient, adds what the other terms
+#       need and takes the sum back through the transposed resampling.
 # saved_shape(h, y, h_grid, y_grid, target_grid) -> shape of ``saved`` (for the fake implementation);
 # None for a backend that saves nothing.
 
 NOTHING_SAVED = (0,)
+
+
+def part_like(x: torch.Tensor, target_grid) -> torch.Tensor:
+    """An empty part of x (the grad_in_forward protocol above): (B, N_target, D), x's dtype, float32 for
+    float16."""
+    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    return x.new_empty((x.shape[0], target_grid[0] * target_grid[1], x.shape[2]), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -149,8 +158,8 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
         in_forward = implementation().grad_in_forward
         return (h.new_empty((terms, 1 if mean else h.shape[0]), dtype=reference.compute_dtype(h, y)),
                 h.new_empty(shape if shape is not None else NOTHING_SAVED, dtype=torch.float32),
-                torch.empty_like(h, memory_format=torch.contiguous_format) if in_forward and needs_h else _empty(h),
-                torch.empty_like(y, memory_format=torch.contiguous_format) if in_forward and needs_y else _empty(y))
+                part_like(h, target_grid) if in_forward and needs_h else _empty(h),
+                part_like(y, target_grid) if in_forward and needs_y else _empty(y))
 
     @torch.library.custom_op(name + "_backward", mutates_args=())
     def backward_op(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, saved: torch.Tensor,
