@@ -54,6 +54,10 @@ ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
 # The Gram path runs its FLOPs at this fraction of the Triton tiles' rate (H100, docs/manifold.md:
 # its reductions and the projection pass eat cuBLAS's edge).
 GRAM_EFFICIENCY = 0.85
+# The Gram path takes about four launches more than the tiled one (its products, the combine kernel): about
+# 10 µs, the time of this many FLOPs at the tiles' rate. It decides small problems (H200: N = 32², D = 64,
+# B = 1 ran 0.96× torch.compile by Gram, whose FLOPs were 6× fewer).
+GRAM_FIXED_FLOPS = 4e9
 # Up to this width the Gram path multiplies back by its D×D products in fp32 (see _gram_loss_and_grads).
 SMALL_DIM = 128
 # Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars.
@@ -69,8 +73,9 @@ def algorithm_costs(n_tokens: int, dim: int, grads: int) -> dict[str, float]:
     return {"tiled": (2.0 + 2.0 * grads) * n_tokens**2 * dim, "gram": (6.0 + 4.0 * grads) * n_tokens * dim**2}
 
 
-def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "auto") -> str:
-    """"tiled" or "gram": ``algorithm`` when forced (else ALGORITHM when forced), else the cheaper one."""
+def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "auto", batch: int = 1) -> str:
+    """"tiled" or "gram": ``algorithm`` when forced (else ALGORITHM when forced), else the cheaper one for
+    ``batch`` images, the Gram path's extra launches counted as GRAM_FIXED_FLOPS."""
     for value, where in ((algorithm, "algorithm"), (ALGORITHM, "REPA_FUSED_MANIFOLD_ALGO")):
         if value not in ALGORITHMS:
             raise ValueError(f"{where} must be one of {ALGORITHMS}, got {value!r}")
@@ -78,7 +83,8 @@ def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "
     if forced != "auto":
         return "tiled" if forced.startswith("tiled") else forced
     cost = algorithm_costs(n_tokens, dim, grads)
-    return "gram" if cost["gram"] < cost["tiled"] * GRAM_EFFICIENCY else "tiled"
+    gram = batch * cost["gram"] + GRAM_FIXED_FLOPS
+    return "gram" if gram < batch * cost["tiled"] * GRAM_EFFICIENCY else "tiled"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,7 +106,8 @@ def _rounded(x, dtype: tl.constexpr, RTNE: tl.constexpr):
 def _similarity_tiles(z_ptr, stride_n, rows, cols, n_tokens, dim,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
-    """(Ĥ[rows] Ĥ[cols]ᵀ, Ŷ[rows] Ŷ[cols]ᵀ) in fp32 for one image's Z = [Ĥ | Ŷ]; rows ≥ N read as 0."""
+    """(Ĥ[rows] Ĥ[cols]ᵀ, Ŷ[rows] Ŷ[cols]ᵀ) in fp32 for one image's Z = [Ĥ | Ŷ]; rows ≥ N read as 0.
+    One K loop with both products (H200, sdxl_y: two loops of one product each took 15% longer)."""
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     m_r = rows < n_tokens
@@ -190,11 +197,12 @@ def manifold_fwd_sym_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_toke
                                   COMPUTE: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr):
     """With a gradient, phase 1 by symmetry; grid (tile pairs i ≤ j, images of this round).
 
-    One tile of S_h − S_y serves two: it is stored at (i, j) and, transposed, at (j, i) of the image's
-    whole panel (tiles·BLOCK square, compute dtype), so the similarity products run over the i ≤ j half
-    (2·N²·D instead of 4·N²·D). The radial sums go to the layout of manifold_fwd_panel_kernel (item =
-    image·tiles + row tile, slot = the other tile): row sums for rows i at slot j, column sums for rows j
-    at slot i; the loss partial (weight 2 off the diagonal) to loss[b, pair]. Every slot is written once.
+    One tile of S_h − S_y serves two: it is stored once, at (i, j) of the image's whole panel (tiles·BLOCK
+    square, compute dtype; the tiles below the diagonal are never written), and the product kernel reads
+    tile (j, i) as its transpose, so the similarity products run over the i ≤ j half (2·N²·D instead of
+    4·N²·D). The radial sums go to the layout of manifold_fwd_panel_kernel (item = image·tiles + row tile,
+    slot = the other tile): row sums for rows i at slot j, column sums for rows j at slot i; the loss
+    partial (weight 2 off the diagonal) to loss[b, pair]. Every slot is written once.
     """
     pair = tl.program_id(0)
     local = tl.program_id(1)
@@ -217,7 +225,6 @@ def manifold_fwd_sym_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_toke
     tl.store(p_row, tl.sum(diff * acc_h, axis=1))
     tl.store(p_row + tiles * BLOCK, tl.sum(diff * acc_y, axis=1))
     if ti != tj:
-        tl.store(p_image + cols[:, None] * width + rows[None, :], tl.trans(stored))
         p_col = radial_ptr + ((local * tiles + tj) * 2 * tiles + ti) * BLOCK + r_local
         tl.store(p_col, tl.sum(diff * acc_h, axis=0))
         tl.store(p_col + tiles * BLOCK, tl.sum(diff * acc_y, axis=0))
@@ -235,11 +242,13 @@ def _leave_normaliser(grad, radial, b_own, rnorm):
 def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, dim, batch,
                                    row_tiles, col_tiles, width, item0, own, coef, stride_zb, stride_zn,
                                    stride_ob, stride_on, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                                   RTNE: tl.constexpr):
+                                   BLOCK_D: tl.constexpr, SYMMETRIC: tl.constexpr, COMPUTE: tl.constexpr,
+                                   PRECISION: tl.constexpr, RTNE: tl.constexpr):
     """With a gradient, phase 2; grid (D chunks, items of this round): the panel (width = padded N) times
     X̂ = Ĥ (own = 0) or Ŷ (own = 1), out of the normaliser: G = coef·(panel @ X̂) (coef = ±4/N²),
-    G·x̂ = coef·Σ radial[own] (no second pass over D); out: the target-grid gradient."""
+    G·x̂ = coef·Σ radial[own] (no second pass over D); out: the target-grid gradient. SYMMETRIC: the panel
+    holds only the tiles on and above the diagonal (manifold_fwd_sym_panel_kernel), so the columns left of
+    the row tile are read, transposed, from the column below it."""
     d_chunk = tl.program_id(0)
     local = tl.program_id(1)
     item = item0 + local
@@ -253,7 +262,19 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
     own_off = own * dim
     p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * width
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, n_tokens, BLOCK_K):
+    k_start = 0
+    if SYMMETRIC:
+        row_tile = item % row_tiles
+        k_start = row_tile * BLOCK_M
+        # (image base) + the row tile's columns, read down the rows k < k_start
+        p_column = p_panel - k_start * width + k_start + r_local[None, :]
+        for k0 in range(0, k_start, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            b_t = tl.load(p_column + ks[:, None] * width).to(COMPUTE)
+            b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :], mask=m_d[None, :],
+                          other=0.0).to(COMPUTE)
+            acc = tl.dot(tl.trans(b_t), b_x, acc, input_precision=PRECISION)
+    for k0 in range(k_start, n_tokens, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         b_p = tl.load(p_panel + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
         b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :],
@@ -700,7 +721,8 @@ def _tiled_loss_and_grads(prep: _Prepared, grads, algorithm: str = "tiled") -> t
                 n_tokens=n_tokens, dim=dim, batch=batch, row_tiles=tiles, col_tiles=tiles, width=width,
                 item0=item0, own=own, coef=(1.0 - 2.0 * own) * 4.0 / n_tokens**2, stride_zb=z.stride(0),
                 stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), BLOCK_M=block,
-                BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, RTNE=_rtne(buf), num_warps=cfg.prod_warps,
+                BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, SYMMETRIC=form == "symmetric",
+                RTNE=_rtne(buf), num_warps=cfg.prod_warps,
                 num_stages=cfg.prod_stages, **dot_args)
     return loss
 
@@ -808,7 +830,7 @@ def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=Fal
     n_tokens = target_grid[0] * target_grid[1]
     wanted = [(0, h, h_grid)] if needs_h else []
     wanted += [(1, y, y_grid)] if needs_y else []
-    choice = choose_algorithm(n_tokens, dim, len(wanted), algorithm)
+    choice = choose_algorithm(n_tokens, dim, len(wanted), algorithm, batch=h.shape[0])
     prep = _prepare(h, y, h_grid, y_grid, target_grid, sum_diff=choice == "gram")
     buffers = [(own, _target_buffer(x, target_grid)) for own, x, _ in wanted]
     if choice == "gram":

@@ -112,6 +112,9 @@ def variants(case: Case, device: torch.device, backends: Optional[list[str]] = N
     the fused backends. Speedups are taken against the first two."""
     out = {"eager": trainer_loss(case)}
     if with_compile:
+        # A fresh start per case: the trainer loss is one code object, and past dynamo's recompile limit
+        # (8 shapes) a further case would silently run eager under the "compile" label.
+        torch._dynamo.reset()
         out["compile"] = torch.compile(trainer_loss(case), dynamic=False)
     if with_reference:
         out["reference_fp32"] = eager_loss(case)

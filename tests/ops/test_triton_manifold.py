@@ -158,9 +158,10 @@ def test_gram_and_tiled_exact_when_h_equals_y(algorithm):
 
 def test_cost_model_and_argument(monkeypatch):
     assert manifold.choose_algorithm(37 * 37, 1536, grads=1) == "tiled"      # SDXL on DINOv2's grid
-    assert manifold.choose_algorithm(64 * 64, 1024, grads=1) == "gram"       # high resolution
-    assert manifold.choose_algorithm(64 * 64, 1024, grads=0) == "gram"       # loss only: 6·N·D² < 2·N²·D
-    assert manifold.choose_algorithm(32 * 32, 1024, grads=0) == "tiled"      # loss only: symmetric tiles
+    assert manifold.choose_algorithm(64 * 64, 1024, grads=1, batch=8) == "gram"       # high resolution
+    assert manifold.choose_algorithm(64 * 64, 1024, grads=0, batch=8) == "gram"       # 6·N·D² < 2·N²·D
+    assert manifold.choose_algorithm(32 * 32, 1024, grads=0, batch=8) == "tiled"      # symmetric tiles
+    assert manifold.choose_algorithm(32 * 32, 64, grads=1, batch=1) == "tiled"        # Gram's launches
     assert manifold.choose_algorithm(16, 1024) == "tiled"
     assert manifold.choose_algorithm(16, 1024, algorithm="gram") == "gram"
     with pytest.raises(ValueError, match="algorithm"):
