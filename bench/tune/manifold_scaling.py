@@ -14,13 +14,14 @@ import os
 import torch
 
 from repa_fused.tools import bench as benchmarks
+from repa_fused.tools.cases import Case
 
 
 def sweep(sides, reps, device):
     ceilings = benchmarks.measure_ceilings(device)
     rows = []
     for side in sides:
-        case = benchmarks.Case(f"n{side}x{side}", "manifold", 4, (side, side), (side, side), 1024)
+        case = Case(4, (side, side), (side, side), 1024, "min", f"n{side}x{side}", "manifold")
         print(f"{case.name}: N = {side * side}", flush=True)
         for row in benchmarks.run_case(case, device, reps, backends=["triton"], ceilings=ceilings,
                                        with_reference=False):
