@@ -1,4 +1,4 @@
-"""U-REPA's manifold loss and the fused U-REPA loss in Triton, in one pass, with no N×N tensor.
+"""U-REPA's manifold loss and the fused U-REPA loss in Triton, in one pass, with memory that never grows as N².
 
 Math (docs/design.md), per image b, N target tokens, Ĥ, Ŷ ∈ R^{N×D} the interpolated, normalised tokens:
 
@@ -7,9 +7,11 @@ Math (docs/design.md), per image b, N target tokens, Ĥ, Ŷ ∈ R^{N×D} the int
     ∂L/∂x_n   = (G_n − (G_n·x̂_n) x̂_n) / max(‖x_n‖, eps),   then the transposed bilinear interpolation.
 
 One pass. The loss is a scalar per image, so when an input needs a gradient the forward makes it
-there (as fused loss kernels do), sharing each tile of S_h − S_y between the loss and the gradient;
-the op's backward only scales it by the upstream gradient (ops.OpImpl.grad_in_forward). The cosine
-term of U-REPA keeps kernels/cosine.py's backward, fed with the per-token scalars the pre-pass writes.
+there (as fused loss kernels do), sharing each tile of S_h − S_y between the loss and the gradient. It
+stays on the target grid (the op protocol's part, ops.dispatch.part_like): the op's backward scales it by
+the upstream gradient and takes it back through the transposed interpolation in one pass. For U-REPA that
+pass is kernels/cosine.py's backward, which adds the part to the cosine term's gradient before the
+adjoint they share (its EXTRA argument), fed with the per-token scalars the pre-pass writes.
 
 Pipeline. A pre-pass interpolates and normalises both inputs once into Z (B, N, 2D) in the compute dtype,
 with per-token scalars: every token is then read N/BLOCK times by the similarity tiles, so paying the
@@ -17,15 +19,17 @@ with per-token scalars: every token is then read N/BLOCK times by the similarity
 token by its running max-abs (online, as a softmax's running max), so tokens whose squared norm
 overflows fp32 (elements ~1e19) still normalise. Two algorithms, chosen per shape by a cost model:
 
-* tiled (flash-attention style), Z = [Ĥ | Ŷ]. Loss only: the (i ≤ j) tiles of S_h − S_y in registers,
-  squared and summed (2·N²·D FLOPs). With a gradient, a row block's gradient (BLOCK_M × D, D ≈ 1–2K)
-  does not fit in registers, so the panel kernel writes row panels (BLOCK_M × N) of S_h − S_y for as
-  many (image, row block) items as a fixed workspace holds, summing the loss and the normaliser's radial
-  terms G_i·x̂_i = (4/N²) Σ_j (S_h − S_y)_ij S_x,ij on the way; a product kernel multiplies each panel by
-  X̂, one D chunk per program, and leaves through the normaliser (4·N²·D + 2·N²·D per gradient).
+* tiled (flash-attention style), Z = [Ĥ | Ŷ]: only the tiles i ≤ j of S_h − S_y are computed (2·N²·D).
+  Loss only, they are squared and summed in registers. With a gradient, a row block's gradient
+  (BLOCK_M × D, D ≈ 1–2K) does not fit in registers, so the tiles go to a fixed workspace, with the
+  normaliser's radial terms G_i·x̂_i = (4/N²) Σ_j (S_h − S_y)_ij S_x,ij summed on the way; a product kernel
+  multiplies them by X̂, one D chunk per program, and leaves through the normaliser (2·N²·D per gradient).
+  "symmetric" rounds hold whole images, each tile stored once and read transposed left of the diagonal;
+  where one image's N² panel would not fit the workspace, "rows" rounds make row panels whole (4·N²·D).
 * gram, Z = [X | Δ], X = Ĥ + Ŷ, Δ = Ĥ − Ŷ (made in fp32 before rounding, so Δ keeps its own relative
-  precision when h and y align). S_h − S_y = ½(XΔᵀ + ΔXᵀ) gives, with A = ZᵀZ (2D × 2D, fp32):
-      N²·L = ½(⟨XᵀX, ΔᵀΔ⟩ + ⟨ΔᵀX, (ΔᵀX)ᵀ⟩)                                    (8·N·D²)
+  precision when h and y align). S_h − S_y = ½(XΔᵀ + ΔXᵀ) gives, from the blocks XᵀX, ΔᵀX (ZᵀX) and ΔᵀΔ
+  (fp32, 6·N·D²; XᵀΔ is ΔᵀX transposed):
+      N²·L = ½(⟨XᵀX, ΔᵀΔ⟩ + ⟨ΔᵀX, (ΔᵀX)ᵀ⟩)
       (S_h − S_y)X̂ = ½ Z·[ΔᵀX̂; XᵀX̂],  ΔᵀĤ = ½(ΔᵀX + ΔᵀΔ), XᵀĤ = ½(XᵀX + XᵀΔ),  Ŷ: signs of Δ flipped
   (4·N·D² per gradient). No term subtracts two large numbers as ‖ĤᵀĤ‖² + ‖ŶᵀŶ‖² − 2‖ĤᵀŶ‖² did, so no
   accuracy guard (and no host synchronisation) is needed. Images go in chunks that fit the workspace.
@@ -51,8 +55,9 @@ from ._runtime import EPS, check_kernel_dtype, triton_interpreter
 # "tiled" takes its gradient form by size (_tiled_form); "tiled-symmetric" and "tiled-rows" force one.
 ALGORITHMS = ("auto", "tiled", "gram", "tiled-symmetric", "tiled-rows")
 ALGORITHM = os.environ.get("REPA_FUSED_MANIFOLD_ALGO", "auto")
-# The Gram path runs its FLOPs at this fraction of the Triton tiles' rate (H100, docs/manifold.md:
-# its reductions and the projection pass eat cuBLAS's edge).
+# Gram is chosen only when it needs this fraction of the tiled FLOPs or fewer: a margin for its memory
+# passes (combine, the fp32 product's normaliser pass). Conservative on the H200, where at 64² tokens its
+# FLOPs ran 1.14× faster than the tiles' (docs/manifold.md).
 GRAM_EFFICIENCY = 0.85
 # The Gram path takes about four launches more than the tiled one (its products, the combine kernel): about
 # 10 µs, the time of this many FLOPs at the tiles' rate. It decides small problems (H200: N = 32², D = 64,

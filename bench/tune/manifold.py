@@ -1,9 +1,9 @@
-"""Stage split of the one-pass manifold / U-REPA kernels on a GPU (bf16; analysis in the issue-15 note).
+"""Stage split of the one-pass manifold / U-REPA kernels on a GPU (bf16; analysis in docs/manifold.md).
 
 python -m bench.tune.manifold [--cases sdxl_y sdxl_min hires_manifold sd15_min]
-  per case: fwd+bwd of the public loss with algorithm auto / tiled / gram (do_bench median), and the
-  stages of the forward with the gradient: pre-pass, loss+gradient (each algorithm), adjoint, and the
-  cosine backward that U-REPA adds; TFLOP/s of each algorithm's work against the measured bf16 matmul.
+  per case and algorithm (tiled-symmetric, tiled-rows, gram; do_bench medians, host launches included):
+  the forward with the gradient, its pre-pass and its loss+gradient core; then the backward passes: U-REPA's
+  (the cosine backward carrying the manifold part), the cosine backward alone, and the manifold loss's.
 """
 
 import argparse
