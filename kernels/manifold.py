@@ -417,18 +417,48 @@ def _safe_inverse(m):
 
 
 @triton.jit
+def _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot):
+    """Pass 1 over one D chunk: the running max-abs m of each token and Σ(x/m)², Σ(h/m_h)(y/m_y), the sums
+    rescaled by (m_old/m_new)² when m grows (as a softmax's running max), so that no square overflows."""
+    new_h = tl.maximum(max_h, tl.max(tl.abs(v_h), axis=1))
+    new_y = tl.maximum(max_y, tl.max(tl.abs(v_y), axis=1))
+    inv_h = _safe_inverse(new_h)
+    inv_y = _safe_inverse(new_y)
+    keep_h = max_h * inv_h
+    keep_y = max_y * inv_y
+    u_h = v_h * inv_h[:, None]
+    u_y = v_y * inv_y[:, None]
+    sq_h = sq_h * keep_h * keep_h + tl.sum(u_h * u_h, axis=1)
+    sq_y = sq_y * keep_y * keep_y + tl.sum(u_y * u_y, axis=1)
+    dot = dot * keep_h * keep_y + tl.sum(u_h * u_y, axis=1)
+    return new_h, new_y, sq_h, sq_y, dot
+
+
+@triton.jit
+def _store_units(p_z, m, dim, v_h, v_y, r_h, r_y, SUM_DIFF: tl.constexpr, RTNE: tl.constexpr):
+    """Pass 2 over one D chunk: [ĥ | ŷ] (or [ĥ + ŷ | ĥ − ŷ]) into Z."""
+    u_h = v_h * r_h[:, None]
+    u_y = v_y * r_y[:, None]
+    if SUM_DIFF:
+        u_h, u_y = u_h + u_y, u_h - u_y
+    tl.store(p_z, _rounded(u_h, p_z.dtype.element_ty, RTNE), mask=m)
+    tl.store(p_z + dim, _rounded(u_y, p_z.dtype.element_ty, RTNE), mask=m)
+
+
+@triton.jit
 def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim, width_t,
                             stride_hb, stride_hn, stride_hd, stride_yb, stride_yn, stride_yd, stride_zb, stride_zn,
                             h_height, h_width, h_scale_h, h_scale_w, y_height, y_width, y_scale_h, y_scale_w,
                             H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, SUM_DIFF: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, RTNE: tl.constexpr):
+                            ONE_CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                            RTNE: tl.constexpr):
     """Z[b, t] = [ĥ_t | ŷ_t] (or with SUM_DIFF [ĥ_t + ŷ_t | ĥ_t − ŷ_t]) on the target grid, and the stats
     planes (P, B, N): s0 = r_h·r_y, s1 = [‖h‖ > eps]·c·r_h², s2 = [‖y‖ > eps]·c·r_y² (kernels/cosine.py's
     saved scalars), r_h, r_y, c = ĥ·ŷ, with r_x = 1/max(‖x‖, eps).
 
-    grid (token blocks, B). Pass 1 takes the norms and the dot of the tokens divided by their running
-    max-abs m (rescaled by (m_old/m_new)² when m grows), so that no square overflows fp32; pass 2
-    re-reads (from L2) and writes.
+    grid (token blocks, B). Pass 1 takes the norms and the dot (_norms_step), pass 2 writes. ONE_CHUNK
+    (BLOCK_D ≥ D): a token's whole row stays in registers between the passes, so h and y are read once;
+    otherwise pass 2 reads them again (from L2).
     """
     b = tl.program_id(1)
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -441,25 +471,21 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
     sq_h = tl.zeros((BLOCK_T,), dtype=tl.float32)
     sq_y = tl.zeros((BLOCK_T,), dtype=tl.float32)
     dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
+    if ONE_CHUNK:
+        ds = tl.arange(0, BLOCK_D)
         m = m_t[:, None] & (ds < dim)[None, :]
         v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
                                    h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
                                    y_scale_w, H_IDENTITY, Y_IDENTITY)
-        new_h = tl.maximum(max_h, tl.max(tl.abs(v_h), axis=1))
-        new_y = tl.maximum(max_y, tl.max(tl.abs(v_y), axis=1))
-        inv_h = _safe_inverse(new_h)
-        inv_y = _safe_inverse(new_y)
-        keep_h = max_h * inv_h
-        keep_y = max_y * inv_y
-        u_h = v_h * inv_h[:, None]
-        u_y = v_y * inv_y[:, None]
-        sq_h = sq_h * keep_h * keep_h + tl.sum(u_h * u_h, axis=1)
-        sq_y = sq_y * keep_y * keep_y + tl.sum(u_y * u_y, axis=1)
-        dot = dot * keep_h * keep_y + tl.sum(u_h * u_y, axis=1)
-        max_h = new_h
-        max_y = new_y
+        max_h, max_y, sq_h, sq_y, dot = _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot)
+    else:
+        for d0 in range(0, dim, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            m = m_t[:, None] & (ds < dim)[None, :]
+            v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
+                                       h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
+                                       y_scale_w, H_IDENTITY, Y_IDENTITY)
+            max_h, max_y, sq_h, sq_y, dot = _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot)
     norm_h = max_h * tl.sqrt(sq_h)
     norm_y = max_y * tl.sqrt(sq_y)
     r_h = 1.0 / tl.maximum(norm_h, _EPS)
@@ -473,19 +499,17 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
     tl.store(p_stats + 3 * plane, r_h, mask=m_t)
     tl.store(p_stats + 4 * plane, r_y, mask=m_t)
     tl.store(p_stats + 5 * plane, cos, mask=m_t)
-    for d0 in range(0, dim, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        m = m_t[:, None] & (ds < dim)[None, :]
-        v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
-                                   h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
-                                   y_scale_w, H_IDENTITY, Y_IDENTITY)
-        u_h = v_h * r_h[:, None]
-        u_y = v_y * r_y[:, None]
-        if SUM_DIFF:
-            u_h, u_y = u_h + u_y, u_h - u_y
-        p_z = z_b + toks[:, None] * stride_zn + ds[None, :]
-        tl.store(p_z, _rounded(u_h, z_ptr.dtype.element_ty, RTNE), mask=m)
-        tl.store(p_z + dim, _rounded(u_y, z_ptr.dtype.element_ty, RTNE), mask=m)
+    if ONE_CHUNK:
+        _store_units(z_b + toks[:, None] * stride_zn + ds[None, :], m, dim, v_h, v_y, r_h, r_y, SUM_DIFF, RTNE)
+    else:
+        for d0 in range(0, dim, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            m = m_t[:, None] & (ds < dim)[None, :]
+            v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
+                                       h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
+                                       y_scale_w, H_IDENTITY, Y_IDENTITY)
+            _store_units(z_b + toks[:, None] * stride_zn + ds[None, :], m, dim, v_h, v_y, r_h, r_y, SUM_DIFF,
+                         RTNE)
 
 
 @triton.jit
@@ -554,6 +578,7 @@ class Tiles:
     prod_warps: int = 8
     prod_stages: int = 3
     prepass_block_t: int = 2
+    prepass_max_row: int = 2048  # the pre-pass keeps a token's row in registers up to this (power of 2) D
     vec_block_t: int = 4
     vec_block_d: int = 512
     vec_warps: int = 4
@@ -576,7 +601,7 @@ class Tiles:
         if triton_interpreter():
             return cls(fwd_block=16, fwd_block_k=32, fwd_warps=1, fwd_stages=1, panel_block_m=16,
                        panel_block_n=16, panel_block_k=32, panel_warps=1, panel_stages=1, prod_block_k=16,
-                       prod_block_d=16, prod_warps=1, prod_stages=1, prepass_block_t=16, vec_block_t=16, vec_block_d=32,
+                       prod_block_d=16, prod_warps=1, prod_stages=1, prepass_block_t=16, prepass_max_row=32, vec_block_t=16, vec_block_d=32,
                        vec_warps=1, scale_block=64, finish_block=16, gram_block=16, gram_warps=1, workspace_bytes=8 * 2**10)
         if element_size > 2:
             return dataclasses.replace(TILES, fwd_block_k=TILES.fwd_block_k // 2,
@@ -639,6 +664,11 @@ def _prepare(h, y, h_grid, y_grid, target_grid, sum_diff: bool) -> _Prepared:
     z = torch.empty(batch, n_tokens, 2 * dim, dtype=torch.promote_types(h.dtype, y.dtype), device=h.device)
     stats = torch.empty(N_STATS, batch, n_tokens, dtype=torch.float32, device=h.device)
     cfg = Tiles.current()
+    # A token's whole row in registers when it fits (h and y read once), else D chunks and a second read.
+    row = triton.next_power_of_2(dim)
+    one_chunk = row <= cfg.prepass_max_row
+    block_d = row if one_chunk else cfg.vec_block_d
+    warps = cfg.vec_warps if cfg.prepass_block_t * block_d <= 2048 else 2 * cfg.vec_warps
     manifold_prepass_kernel[(triton.cdiv(n_tokens, cfg.prepass_block_t), batch)](
         h_ptr=h, y_ptr=y, z_ptr=z, stats_ptr=stats, batch=batch, n_tokens=n_tokens, dim=dim,
         width_t=target_grid[1], stride_hb=h.stride(0), stride_hn=h.stride(1), stride_hd=h.stride(2),
@@ -648,7 +678,8 @@ def _prepare(h, y, h_grid, y_grid, target_grid, sum_diff: bool) -> _Prepared:
         y_height=y_grid[0], y_width=y_grid[1],
         y_scale_h=interp.axis_scale(y_grid[0], target_grid[0]), y_scale_w=interp.axis_scale(y_grid[1], target_grid[1]),
         H_IDENTITY=tuple(h_grid) == tuple(target_grid), Y_IDENTITY=tuple(y_grid) == tuple(target_grid),
-        SUM_DIFF=sum_diff, RTNE=_rtne(z), BLOCK_T=cfg.prepass_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
+        SUM_DIFF=sum_diff, ONE_CHUNK=one_chunk, RTNE=_rtne(z), BLOCK_T=cfg.prepass_block_t, BLOCK_D=block_d,
+        num_warps=warps)
     return _Prepared(z, stats)
 
 
