@@ -31,10 +31,24 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
 }
 
+// ‖row[0:n]‖. Where the sum of squares overflows (elements around 1e19 in fp32), again with the row's
+// max-abs taken out first, so that the norm, and the unit row, stay right at any scale.
+template <typename acc_t>
+inline acc_t row_norm(const acc_t* row, int64_t n) {
+  const acc_t squares = dot(row, row, n);
+  if (std::isfinite(squares)) return std::sqrt(squares);
+  acc_t scale = 0;
+  for (int64_t d = 0; d < n; ++d) scale = std::max(scale, std::abs(row[d]));
+  if (!std::isfinite(scale)) return scale;  // an inf or NaN element: nothing to rescue
+  acc_t scaled = 0;
+  for (int64_t d = 0; d < n; ++d) scaled += (row[d] / scale) * (row[d] / scale);
+  return scale * std::sqrt(scaled);
+}
+
 // Scales row[0:n] to unit length in place; returns the norm it had.
 template <typename acc_t>
 inline acc_t normalize(acc_t* row, int64_t n) {
-  const acc_t norm = std::sqrt(dot(row, row, n));
+  const acc_t norm = row_norm(row, n);
   const acc_t denom = std::max(norm, static_cast<acc_t>(kNormEps));
   for (int64_t d = 0; d < n; ++d) row[d] /= denom;
   return norm;

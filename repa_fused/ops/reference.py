@@ -35,9 +35,20 @@ def interpolate_tokens(x: torch.Tensor, grid: Grid, target_grid: Grid) -> torch.
     return image.flatten(2).transpose(1, 2)
 
 
+def token_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖₂ per token, (…, 1), with no overflow: the token's max-abs (a constant to autograd, so the
+    gradient is ‖x‖'s) is taken out before squaring, so tokens with elements around 1e19, whose squares
+    overflow fp32, still get their norm."""
+    x = x.contiguous()  # one summation order whatever the layout: strided inputs give the same bits
+    scale = x.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x / scale).norm(dim=-1, keepdim=True) * scale
+
+
 def normalize_tokens(x: torch.Tensor) -> torch.Tensor:
-    """x / max(‖x‖₂, 1e-12) per token: zero vectors stay zero (never NaN)."""
-    return F.normalize(x, dim=-1, eps=NORM_EPS)
+    """x / max(‖x‖₂, 1e-12) per token (F.normalize's formula, with token_norms): zero vectors stay zero
+    (never NaN), and the result is scale-invariant however large the tokens."""
+    return x / token_norms(x).clamp_min(NORM_EPS)
 
 
 def aligned_unit_tokens(h, y, h_grid: Grid, y_grid: Grid, target_grid: Grid):
@@ -165,7 +176,7 @@ def interpolate_tokens_backward(grad: torch.Tensor, grid: Grid, target_grid: Gri
 
 def normalize_tokens_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """∂L/∂x = (G − (G·x̂) x̂) / max(‖x‖, eps) per token, G = ∂L/∂x̂."""
-    norm = x.norm(dim=-1, keepdim=True)
+    norm = token_norms(x)
     unit = x / norm.clamp_min(NORM_EPS)
     # Below eps the normaliser is x/eps, a plain scaling: no projection.
     projected = torch.where(norm > NORM_EPS, grad - (grad * unit).sum(-1, keepdim=True) * unit, grad)
