@@ -413,9 +413,10 @@ _STAGE_BUDGET = 64 * 1024
 
 @functools.lru_cache(maxsize=512)
 def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, dtype: torch.dtype,
-               z_dtype: torch.dtype, tiles: CosineTiles | None = None):
+               z_dtype: torch.dtype, tiles: CosineTiles | None = None, extra_size: int = 0):
     """(launch grid, table (list of int32), runtime args after the pointers, constexprs) of the band backward
-    (x: the input whose gradient it writes, z: the other)."""
+    (x: the input whose gradient it writes, z: the other; extra_size: the element size of an EXTRA term's
+    rows, 0 without one)."""
     n_tokens = target_grid[0] * target_grid[1]
     xr, xc, xsr, xsc, _ = _axis(x_grid, target_grid)
     zr, zc, zsr, zsc, z_id = _axis(z_grid, target_grid)
@@ -426,9 +427,10 @@ def _band_plan(batch: int, dim: int, x_grid, z_grid, target_grid, own_row: int, 
     block_c = max(triton.next_power_of_2(max(hi - lo for lo, hi in col_ranges)), 16)
     if block_c > 32:  # upsampled columns: keep the target-row tile [BLOCK_C, BLOCK_D] in registers
         block_d, warps = min(block_d, max(2048 // block_c, 16)), 8
-    # The pipelined loop keeps STAGES rows of raw tiles (4 taps of x, 1 or 4 of z) in shared memory: where
-    # they would not fit the budget, fewer features (down to the hand loop's 64), then the hand loop.
-    row_bytes = (4 * dtype.itemsize + (1 if z_id else 4) * z_dtype.itemsize) * block_c
+    # The pipelined loop keeps STAGES rows of raw tiles (4 taps of x, 1 or 4 of z, the EXTRA row) in shared
+    # memory: where they would not fit the budget, fewer features (down to the hand loop's 64), then the
+    # hand loop.
+    row_bytes = (4 * dtype.itemsize + (1 if z_id else 4) * z_dtype.itemsize + extra_size) * block_c
     while stages > 1 and stages * row_bytes * block_d > _STAGE_BUDGET:
         if block_d > 64:
             block_d //= 2
@@ -526,7 +528,7 @@ def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row, tiles
                                          **_strides("z", z), **meta)
     else:
         grid, table, args, meta = _band_plan(batch, dim, x_grid, z_grid, target_grid, own_row, x.dtype, z.dtype,
-                                             tiles)
+                                             tiles, 0 if extra is None else extra.element_size())
         cosine_bwd_band_kernel[grid](x_ptr=x, z_ptr=z, out_ptr=out, scal_ptr=scal, grad_ptr=grad,
                                      table_ptr=device_table(table, x.device), **extra_args,
                                      **_grad_scale(args, batch, mean), **_strides("x", x), **_strides("z", z),

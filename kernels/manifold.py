@@ -34,8 +34,9 @@ overflows fp32 (elements ~1e19) still normalise. Two algorithms, chosen per shap
   (4·N·D² per gradient). No term subtracts two large numbers as ‖ĤᵀĤ‖² + ‖ŶᵀŶ‖² − 2‖ĤᵀŶ‖² did, so no
   accuracy guard (and no host synchronisation) is needed. Images go in chunks that fit the workspace.
 
-Choice: the ``algorithm`` argument of the entry points ("auto" | "tiled" | "gram"); "auto" takes
-ALGORITHM (REPA_FUSED_MANIFOLD_ALGO at import, default "auto"), where "auto" is the cost model.
+Choice: the ``algorithm`` argument of the entry points (ALGORITHMS: "auto", "tiled", "gram", or a tiled
+form forced, "tiled-symmetric" | "tiled-rows"); "auto" takes ALGORITHM (REPA_FUSED_MANIFOLD_ALGO at import,
+default "auto"), where "auto" is the cost model.
 """
 
 from __future__ import annotations
@@ -71,23 +72,28 @@ S0, S1, S2, RNORM_H, RNORM_Y, COS = range(6)
 N_STATS = 6
 
 
-def algorithm_costs(n_tokens: int, dim: int, grads: int) -> dict[str, float]:
+def algorithm_costs(n_tokens: int, dim: int, grads: int, symmetric: bool = True) -> dict[str, float]:
     """FLOPs per image of each algorithm for the loss and ``grads`` (0–2) input gradients: tiled, the
-    i ≤ j similarity tiles (2·N²·D) plus a panel product per gradient (2·N²·D; the symmetric form, see
-    _tiled_form); gram, three D×D blocks (6·N·D²) plus a product per gradient (4·N·D²)."""
-    return {"tiled": (2.0 + 2.0 * grads) * n_tokens**2 * dim, "gram": (6.0 + 4.0 * grads) * n_tokens * dim**2}
+    i ≤ j similarity tiles (2·N²·D; with a gradient in the "rows" form, ``symmetric`` False, all tiles:
+    4·N²·D) plus a panel product per gradient (2·N²·D; see _tiled_form); gram, three D×D blocks (6·N·D²)
+    plus a product per gradient (4·N·D²)."""
+    tiles = 2.0 if symmetric or grads == 0 else 4.0
+    return {"tiled": (tiles + 2.0 * grads) * n_tokens**2 * dim, "gram": (6.0 + 4.0 * grads) * n_tokens * dim**2}
 
 
-def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "auto", batch: int = 1) -> str:
+def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "auto", batch: int = 1,
+                     element_size: int = 2) -> str:
     """"tiled" or "gram": ``algorithm`` when forced (else ALGORITHM when forced), else the cheaper one for
-    ``batch`` images, the Gram path's extra launches counted as GRAM_FIXED_FLOPS."""
+    ``batch`` images of ``element_size``-byte tokens, the Gram path's extra launches counted as
+    GRAM_FIXED_FLOPS."""
     for value, where in ((algorithm, "algorithm"), (ALGORITHM, "REPA_FUSED_MANIFOLD_ALGO")):
         if value not in ALGORITHMS:
             raise ValueError(f"{where} must be one of {ALGORITHMS}, got {value!r}")
     forced = algorithm if algorithm != "auto" else ALGORITHM
     if forced != "auto":
         return "tiled" if forced.startswith("tiled") else forced
-    cost = algorithm_costs(n_tokens, dim, grads)
+    symmetric = _tiled_form(batch, n_tokens, element_size, Tiles.current(element_size), "tiled")[0] == "symmetric"
+    cost = algorithm_costs(n_tokens, dim, grads, symmetric)
     gram = batch * cost["gram"] + GRAM_FIXED_FLOPS
     return "gram" if gram < batch * cost["tiled"] * GRAM_EFFICIENCY else "tiled"
 
@@ -301,9 +307,10 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
 def manifold_fwd_gram_grad_kernel(g_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, dim, batch, b0, own, coef,
                                   stride_zb, stride_zn, stride_ob, stride_on,
                                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, RTNE: tl.constexpr):
-    """Gram path, out of the normaliser: G = coef·g (g: this chunk's (c, N, D) fp32 (S_h − S_y)X̂),
-    x̂ = ½(X ± Δ) from Z = [X | Δ] (+ for h: own = 0, − for y: own = 1); two passes over D (the radial dot needs the whole row).
-    grid (token blocks, images of the chunk); image b0 + program 1."""
+    """Gram path, out of the normaliser: G = coef·g (g: this chunk's (c, N, D) fp32 Z·factor, the combine
+    kernel's factor scaled by 1/N, so coef = ±1/N), x̂ = ½(X ± Δ) from Z = [X | Δ] (+ for h: own = 0, − for
+    y: own = 1); two passes over D (the radial dot needs the whole row). grid (token blocks, images of the
+    chunk); image b0 + program 1."""
     local = tl.program_id(1)
     b = b0 + local
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -332,12 +339,13 @@ def manifold_fwd_gram_grad_kernel(g_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, di
 
 @triton.jit
 def manifold_fwd_gram_combine_kernel(zx_ptr, dd_ptr, factor_ptr, partial_ptr, dim, factor_stride, scale,
-                                     SIGN_H: tl.constexpr, SIGN_Y: tl.constexpr, FACTORS: tl.constexpr,
-                                     BLOCK: tl.constexpr, RTNE: tl.constexpr):
+                                     factor_scale, SIGN_H: tl.constexpr, SIGN_Y: tl.constexpr,
+                                     FACTORS: tl.constexpr, BLOCK: tl.constexpr, RTNE: tl.constexpr):
     """Gram path, from the blocks XᵀX, ΔᵀX (zx = [XᵀX; ΔᵀX], (c, 2D, D) fp32) and ΔᵀΔ (dd, (c, D, D)):
     partial[b, tile] = scale·Σ_tile (XᵀX ∘ ΔᵀΔ + ΔᵀX ∘ (ΔᵀX)ᵀ), and for each of the FACTORS gradients
-    (signs SIGN_H then SIGN_Y) its factor [ΔᵀX + s·ΔᵀΔ; XᵀX + s·XᵀΔ] (2D × D, the module notes' ½·[ΔᵀX̂; XᵀX̂]
-    times 4). grid (row tiles, column tiles, images of the chunk)."""
+    (signs SIGN_H then SIGN_Y) its factor factor_scale·[ΔᵀX + s·ΔᵀΔ; XᵀX + s·XᵀΔ] (2D × D, the module notes'
+    ½·[ΔᵀX̂; XᵀX̂] times 4; factor_scale = 1/N keeps its entries, sums over N tokens of rows of norm ≤ 2,
+    within 4 and so within float16's range). grid (row tiles, column tiles, images of the chunk)."""
     ta = tl.program_id(0)
     tb = tl.program_id(1)
     local = tl.program_id(2)
@@ -358,8 +366,9 @@ def manifold_fwd_gram_combine_kernel(zx_ptr, dd_ptr, factor_ptr, partial_ptr, di
     for index in tl.static_range(FACTORS):
         sign = SIGN_H if index == 0 else SIGN_Y
         f_b = factor_ptr + index * factor_stride + local.to(tl.int64) * 2 * square
-        tl.store(f_b + at, _rounded(dx + sign * dd, factor_ptr.dtype.element_ty, RTNE), mask=m)
-        tl.store(f_b + square + at, _rounded(xx + sign * dx_t, factor_ptr.dtype.element_ty, RTNE), mask=m)
+        tl.store(f_b + at, _rounded((dx + sign * dd) * factor_scale, factor_ptr.dtype.element_ty, RTNE), mask=m)
+        tl.store(f_b + square + at, _rounded((xx + sign * dx_t) * factor_scale, factor_ptr.dtype.element_ty, RTNE),
+                 mask=m)
 
 
 @triton.jit
@@ -568,8 +577,7 @@ class Tiles:
     fwd_block_k: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
-    panel_block_m: int = 128
-    panel_block_n: int = 128
+    panel_block: int = 128  # square panel tiles (the symmetric form reads them transposed)
     panel_block_k: int = 64
     panel_warps: int = 8
     panel_stages: int = 3
@@ -599,10 +607,11 @@ class Tiles:
     @classmethod
     def current(cls, element_size: int = 2) -> "Tiles":
         if triton_interpreter():
-            return cls(fwd_block=16, fwd_block_k=32, fwd_warps=1, fwd_stages=1, panel_block_m=16,
-                       panel_block_n=16, panel_block_k=32, panel_warps=1, panel_stages=1, prod_block_k=16,
-                       prod_block_d=16, prod_warps=1, prod_stages=1, prepass_block_t=16, prepass_max_row=32, vec_block_t=16, vec_block_d=32,
-                       vec_warps=1, scale_block=64, finish_block=16, gram_block=16, gram_warps=1, workspace_bytes=8 * 2**10)
+            return cls(fwd_block=16, fwd_block_k=32, fwd_warps=1, fwd_stages=1, panel_block=16, panel_block_k=32,
+                       panel_warps=1, panel_stages=1, prod_block_k=16, prod_block_d=16, prod_warps=1,
+                       prod_stages=1, prepass_block_t=16, prepass_max_row=32, vec_block_t=16, vec_block_d=32,
+                       vec_warps=1, scale_block=64, finish_block=16, gram_block=16, gram_warps=1,
+                       workspace_bytes=8 * 2**10)
         if element_size > 2:
             return dataclasses.replace(TILES, fwd_block_k=TILES.fwd_block_k // 2,
                                        panel_block_k=TILES.panel_block_k // 2,
@@ -615,10 +624,10 @@ class Tiles:
         cfg = cls.current(z.element_size())
         if triton_interpreter() or z.device.type != "cuda":
             return cfg
-        programs = batch * triton.cdiv(n_tokens, cfg.panel_block_m) ** 2
+        programs = batch * triton.cdiv(n_tokens, cfg.panel_block) ** 2
         if programs >= cfg.small_programs_per_sm * _multiprocessors(z.device):
             return cfg
-        return dataclasses.replace(cfg, panel_block_m=cfg.small_block, panel_block_n=cfg.small_block,
+        return dataclasses.replace(cfg, panel_block=cfg.small_block,
                                    panel_warps=cfg.small_warps, prod_block_d=cfg.small_prod_block_d,
                                    prod_warps=cfg.small_warps)
 
@@ -703,13 +712,13 @@ def _tiled_form(batch: int, n_tokens: int, element_size: int, cfg: Tiles, algori
     image's panel made from the i ≤ j tiles (4·N²·D in all with one gradient); "rows": rounds of row
     panels, each made whole (6·N²·D), where one image's panel (N² elements) would not fit the workspace.
     Items are images (symmetric) or (image, row tile) pairs (rows)."""
-    width = triton.cdiv(n_tokens, cfg.panel_block_m) * cfg.panel_block_m
+    width = triton.cdiv(n_tokens, cfg.panel_block) * cfg.panel_block
     images = cfg.workspace_bytes // (width * width * element_size)
     form = algorithm[len("tiled-"):] if algorithm.startswith("tiled-") else ("symmetric" if images else "rows")
     if form == "symmetric":  # forced: at least one image per round
         return form, min(batch, max(1, images))
-    items = batch * (width // cfg.panel_block_m)
-    per_round = max(1, cfg.workspace_bytes // (cfg.panel_block_m * width * element_size))
+    items = batch * (width // cfg.panel_block)
+    per_round = max(1, cfg.workspace_bytes // (cfg.panel_block * width * element_size))
     return form, triton.cdiv(items, triton.cdiv(items, per_round))
 
 
@@ -719,10 +728,16 @@ def _tiled_loss_and_grads(prep: _Prepared, grads, algorithm: str = "tiled") -> t
     batch, n_tokens, dim = prep.shape
     z = prep.z
     cfg = Tiles.for_panels(batch, n_tokens, z)
-    block = cfg.panel_block_m
+    block = cfg.panel_block
     tiles = triton.cdiv(n_tokens, block)
     width = tiles * block
+    # The symmetric product walks the tiles above its row tile in BLOCK_K steps, unmasked: they must divide.
+    if block % cfg.prod_block_k:
+        raise ValueError(f"Tiles: panel_block {block} must be a multiple of prod_block_k {cfg.prod_block_k}")
     form, group = _tiled_form(batch, n_tokens, z.element_size(), cfg, algorithm)
+    if form == "symmetric" and width * width >= 2**31:
+        raise ValueError(f"algorithm='tiled-symmetric': {n_tokens} tokens make a panel past int32 indexing; "
+                         f"use 'tiled' (it takes row panels there)")
     dot_args = prep.dot_args()
     scale = 1.0 / n_tokens**2
     # Both forms leave the same layout: panel rows of item (image, row tile) at item·BLOCK·width, radial
@@ -771,7 +786,8 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_loss_and_grads(prep: _Prepared, grads) -> torch.Tensor:
-    """The loss's partials (B, P) and the gradients (as _tiled_loss_and_grads) by the Gram path on Z = [X | Δ], in chunks of images that fit the workspace (see the module notes):
+    """The loss's partials (B, P) and the gradients (as _tiled_loss_and_grads) by the Gram path on
+    Z = [X | Δ], in chunks of images that fit the workspace (see the module notes):
     two products give the three D×D blocks it needs (6·N·D²: ZᵀX = [XᵀX; ΔᵀX] and ΔᵀΔ; XᵀΔ is ΔᵀX
     transposed), one kernel takes the loss and the right-hand factors of the gradients from them, and
     one more product per gradient (4·N·D²) goes through manifold_fwd_gram_grad_kernel."""
@@ -795,7 +811,7 @@ def _gram_loss_and_grads(prep: _Prepared, grads) -> torch.Tensor:
         factors = torch.empty(len(grads), count, 2 * dim, dim, dtype=factor_dtype, device=z.device)
         manifold_fwd_gram_combine_kernel[(tiles, tiles, count)](
             zx_ptr=zx, dd_ptr=dd, factor_ptr=factors, partial_ptr=partial[b0:], dim=dim,
-            factor_stride=count * 2 * dim * dim, scale=0.5 / n_tokens**2,
+            factor_stride=count * 2 * dim * dim, scale=0.5 / n_tokens**2, factor_scale=1.0 / n_tokens,
             SIGN_H=1.0 if grads and grads[0][0] == 0 else -1.0, SIGN_Y=-1.0,
             FACTORS=len(grads), BLOCK=block, RTNE=_rtne(factors), num_warps=cfg.gram_warps)
         del zx, dd
@@ -804,7 +820,7 @@ def _gram_loss_and_grads(prep: _Prepared, grads) -> torch.Tensor:
             g = torch.bmm(zc.float(), factor) if exact else _bmm_f32(zc, factor)
             manifold_fwd_gram_grad_kernel[(triton.cdiv(n_tokens, cfg.vec_block_t), count)](
                 g_ptr=g, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf, n_tokens=n_tokens, dim=dim, batch=batch,
-                b0=b0, own=own, coef=(1.0 - 2.0 * own) / n_tokens**2, stride_zb=z.stride(0),
+                b0=b0, own=own, coef=(1.0 - 2.0 * own) / n_tokens, stride_zb=z.stride(0),
                 stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), RTNE=_rtne(buf),
                 BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
             del g
@@ -864,9 +880,14 @@ def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=Fal
     _check_dtypes(h, y)
     _, _, dim = h.shape
     n_tokens = target_grid[0] * target_grid[1]
+    if n_tokens * 2 * dim >= 2**31:  # token × feature offsets are int32 in the kernels
+        raise ValueError(f"the Triton manifold kernels index an image's {n_tokens} tokens × 2·{dim} features in "
+                         f"int32, which this exceeds; use backend='cpp' or 'reference' (or fewer tokens per image: "
+                         f"pairs='batch' treats the whole batch as one image)")
     wanted = [(0, h, h_grid)] if needs_h else []
     wanted += [(1, y, y_grid)] if needs_y else []
-    choice = choose_algorithm(n_tokens, dim, len(wanted), algorithm, batch=h.shape[0])
+    choice = choose_algorithm(n_tokens, dim, len(wanted), algorithm, batch=h.shape[0],
+                              element_size=torch.promote_types(h.dtype, y.dtype).itemsize)
     prep = _prepare(h, y, h_grid, y_grid, target_grid, sum_diff=choice == "gram")
     buffers = [(own, _target_buffer(x, target_grid)) for own, x, _ in wanted]
     if choice == "gram":
@@ -891,7 +912,8 @@ def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=Fal
 
 
 def manifold_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_y=False, algorithm="auto"):
-    """((1, B) fp32 manifold losses, None, ∂(Σ_b L_b)/∂h | None, ∂/∂y | None)."""
+    """((1, B) fp32 manifold losses, None, part_h | None, part_y | None): the parts are ∂(Σ_b L_b)/∂x̃ on the
+    target grid (manifold_terms)."""
     losses, _, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm)
     return losses, None, part_h, part_y
 

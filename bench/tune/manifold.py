@@ -25,7 +25,7 @@ def split(case, rate):
     h = h.detach()
     grids = (case.h_grid, case.y_grid, case.target_grid)
     n, d, b = case.target_grid[0] * case.target_grid[1], case.dim, case.batch
-    print(f"{case.name}: B={b} N={n} D={d} auto={M.choose_algorithm(n, d, grads=1)}")
+    print(f"{case.name}: B={b} N={n} D={d} auto={M.choose_algorithm(n, d, grads=1, batch=b)}")
     for algorithm in ("tiled-symmetric", "tiled-rows", "gram"):
         work = M.algorithm_costs(n, d, grads=1)["gram" if algorithm == "gram" else "tiled"] * b
         t = ms(lambda: M.urepa_forward(h, y, *grids, needs_h=True, algorithm=algorithm))

@@ -181,11 +181,12 @@ def define_loss_op(op: str, backend: str, implementation: Callable[[], OpImpl]) 
                 torch.empty_like(y, memory_format=torch.contiguous_format) if needs_y else y.new_empty(0)]
 
     def stash_inputs(ctx, h, y, saved, parts) -> None:
-        """A backward that reads only the parts needs no copy of an inference input (which never needs
-        a gradient itself): an empty stand-in takes its place."""
+        """A backward that reads only the parts keeps neither input alive: it needs their shapes, dtypes and
+        devices only, so a one-element stand-in of that shape takes each one's place (an inference input,
+        which never needs a gradient itself, an empty one)."""
         impl = implementation()
         if impl.grad_in_forward and not impl.backward_reads_inputs:
-            h, y = (_empty(x) if x.is_inference() else x for x in (h, y))
+            h, y = (_empty(x) if x.is_inference() else x.new_empty(1).expand(x.shape) for x in (h, y))
         _stash(ctx, h, y, saved, *parts)
 
     def setup_context(ctx, inputs, output):

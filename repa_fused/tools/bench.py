@@ -113,8 +113,9 @@ def variants(case: Case, device: torch.device, backends: Optional[list[str]] = N
     out = {"eager": trainer_loss(case)}
     if with_compile:
         # A fresh start per case: the trainer loss is one code object, and past dynamo's recompile limit
-        # (8 shapes) a further case would silently run eager under the "compile" label.
-        torch._dynamo.reset()
+        # (8 shapes) a further case would silently run eager under the "compile" label. (This also drops the
+        # caller's own compiled functions: variants() is a benchmark's, not a library call.)
+        torch.compiler.reset()
         out["compile"] = torch.compile(trainer_loss(case), dynamic=False)
     if with_reference:
         out["reference_fp32"] = eager_loss(case)

@@ -222,3 +222,30 @@ def test_tile_configs_agree(case, stages):
     expected = cosine.backward(grad, h, y, *grids, True, True, saved=saved)
     for out, ref in zip(cosine.backward(grad, h, y, *grids, True, True, saved=saved, tiles=tiles), expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [ODD_CASES[2], BAND_CASES[0]], ids=str)
+def test_backward_extra_term_is_added_before_the_adjoint(case):
+    """extra=: another term's target-grid gradient, weighted per sample, shares the adjoint; it equals that
+    gradient taken back by the reference's transposed interpolation and added."""
+    from repa_fused.kernels import cosine
+
+    h, y = make(case, seed=7)
+    grids = grids_of(case)
+    n_target = grids[2][0] * grids[2][1]
+    g = torch.Generator().manual_seed(8)
+    extra_h = torch.randn(h.shape[0], n_target, h.shape[2], generator=g)
+    extra_y = torch.randn(h.shape[0], n_target, h.shape[2], generator=g)
+    grad = torch.randn(1, h.shape[0], generator=g)
+    weight = torch.randn(h.shape[0], generator=g)
+    _, saved = cosine.forward(h, y, *grids)
+    plain = cosine.backward(grad, h, y, *grids, True, True, saved=saved)
+    both = cosine.backward(grad, h, y, *grids, True, True, saved=saved, extra=(extra_h, extra_y), extra_grad=weight)
+    for plain_x, both_x, extra, grid in zip(plain, both, (extra_h, extra_y), grids[:2]):
+        added = reference.interpolate_tokens_backward(weight.view(-1, 1, 1) * extra, grid, grids[2])
+        assert rel_rmse(both_x, plain_x + added) < 1e-5
+    with pytest.raises(ValueError, match="extra must be"):
+        cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=(extra_h[:, 1:], None), extra_grad=weight)
+    with pytest.raises(ValueError, match="extra must be"):
+        cosine.backward(grad[:, :1], h, y, *grids, True, False, saved=saved, mean=True, extra=(extra_h, None),
+                        extra_grad=weight)

@@ -5,6 +5,7 @@ the shapes below cross tile edges (N = 35 > 2·16, D prime) and the panels and G
 rounds. Each algorithm is forced through the entry points' ``algorithm`` argument.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -154,6 +155,53 @@ def test_gram_and_tiled_exact_when_h_equals_y(algorithm):
     out, grad_h, _ = fused("manifold", h, h.clone(), ((4, 4),) * 3, torch.ones(1, 2, device=DEVICE), algorithm,
                            grad_y=False)
     assert out.abs().max().item() < 1e-12 and grad_h.abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("op", ["manifold", "urepa"])
+def test_gradient_to_y_alone(op, algorithm):
+    """Only y needs a gradient (an encoder trained with the loss): the y part alone, on a resampled y."""
+    h, y = tokens(2, (5, 4), 11, seed=40), tokens(2, (3, 3), 11, seed=41)
+    grids = (h_grid, y_grid, target) = ((5, 4), (3, 3), (5, 4))
+    ref = reference.LOSSES[op](h.double(), y.double(), *grids)
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(42)).to(h.device)
+    forward = manifold.urepa_forward if op == "urepa" else manifold.manifold_forward
+    out, saved, part_h, part_y = forward(h, y, *grids, needs_y=True, algorithm=algorithm)
+    assert part_h is None and part_y.shape == (2, 20, 11)
+    if op == "urepa":
+        grad_h, grad_y = manifold.urepa_backward(weight, h, y, *grids, False, True, saved=saved, parts=(None, part_y))
+    else:
+        grad_h, grad_y = manifold.manifold_backward(weight, h, y, *grids, False, True, parts=(None, part_y))
+    _, ref_y = reference.loss_gradients(op, weight.double(), h.double(), y.double(), *grids, False, True)
+    assert grad_h is None and grad_y.shape == y.shape
+    assert rel_rmse(out, ref) < 1e-5 and rel_rmse(grad_y, ref_y) < 1e-5
+
+
+def test_symmetric_product_with_k_steps_below_the_tile(monkeypatch):
+    """The GPU's ratio, 128-wide panel tiles read in 64-wide K steps (here 32 and 16): the symmetric product's
+    transposed walk stops at its row tile; a K step that does not divide the tile is refused."""
+    interpreter_tiles = manifold.Tiles.current()
+    h, y = tokens(2, (7, 9), 13, seed=43), tokens(2, (7, 9), 13, seed=44)
+    grids = ((7, 9),) * 3
+    monkeypatch.setattr(manifold.Tiles, "current", classmethod(
+        lambda cls, element_size=2: dataclasses.replace(interpreter_tiles, panel_block=32, prod_block_k=16,
+                                                        workspace_bytes=2**20)))
+    assert max(errors("manifold", h, y, grids, "tiled-symmetric")) < 1e-5
+    monkeypatch.setattr(manifold.Tiles, "current", classmethod(
+        lambda cls, element_size=2: dataclasses.replace(interpreter_tiles, prod_block_k=32)))
+    with pytest.raises(ValueError, match="prod_block_k"):
+        errors("manifold", h, y, grids, "tiled-symmetric")
+
+
+def test_gram_factor_stays_in_float16_range():
+    """The Gram factor's entries are sums over N tokens: scaled by 1/N they stay finite in float16 (rows of 8
+    here: blocks of 64·N = 65536 at N = 1024, past float16's 65504)."""
+    batch, n_tokens, dim = 1, 1024, 136
+    z = torch.full((batch, n_tokens, 2 * dim), 8.0, dtype=torch.float16, device=DEVICE)
+    prep = manifold._Prepared(z, torch.ones(manifold.N_STATS, batch, n_tokens, device=DEVICE))
+    buf = torch.empty(batch, n_tokens, dim, device=DEVICE)
+    partial = manifold._gram_loss_and_grads(prep, [(0, buf)])
+    assert torch.isfinite(buf).all() and torch.isfinite(partial).all()
 
 
 def test_cost_model_and_argument(monkeypatch):
