@@ -408,15 +408,18 @@ def manifold_bwd_scale_kernel(part_ptr, grad_ptr, out_ptr, per_image, grad_strid
 
 
 @triton.jit
-def _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width, h_scale_h, h_scale_w,
-                    stride_yn, stride_yd, y_height, y_width, y_scale_h, y_scale_w,
-                    H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr):
-    """fp32 tiles of h and y resampled at target tokens ``toks``, features ``ds`` (both passes of the pre-pass)."""
+def _resampled_pair(h_b, y_b, toks, m_t, d0, dim, width_t, stride_hn, stride_hd, h_height, h_width, h_scale_h,
+                    h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h, y_scale_w,
+                    H_IDENTITY: tl.constexpr, Y_IDENTITY: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(features ds, mask, fp32 tiles of h and y) resampled at target tokens ``toks`` (mask m_t), features
+    d0 … d0 + BLOCK_D (both passes of the pre-pass)."""
+    ds = d0 + tl.arange(0, BLOCK_D)
+    m = m_t[:, None] & (ds < dim)[None, :]
     v_h = interp.load_resampled(h_b, toks, stride_hn, ds * stride_hd, m, width_t, h_height, h_width,
                                 h_scale_h, h_scale_w, H_IDENTITY)
     v_y = interp.load_resampled(y_b, toks, stride_yn, ds * stride_yd, m, width_t, y_height, y_width,
                                 y_scale_h, y_scale_w, Y_IDENTITY)
-    return v_h, v_y
+    return ds, m, v_h, v_y
 
 
 @triton.jit
@@ -481,19 +484,16 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
     sq_y = tl.zeros((BLOCK_T,), dtype=tl.float32)
     dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
     if ONE_CHUNK:
-        ds = tl.arange(0, BLOCK_D)
-        m = m_t[:, None] & (ds < dim)[None, :]
-        v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
-                                   h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
-                                   y_scale_w, H_IDENTITY, Y_IDENTITY)
+        ds, m, v_h, v_y = _resampled_pair(h_b, y_b, toks, m_t, 0, dim, width_t, stride_hn, stride_hd, h_height,
+                                          h_width, h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width,
+                                          y_scale_h, y_scale_w, H_IDENTITY, Y_IDENTITY, BLOCK_D)
         max_h, max_y, sq_h, sq_y, dot = _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot)
     else:
         for d0 in range(0, dim, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            m = m_t[:, None] & (ds < dim)[None, :]
-            v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
-                                       h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
-                                       y_scale_w, H_IDENTITY, Y_IDENTITY)
+            ds, m, v_h, v_y = _resampled_pair(h_b, y_b, toks, m_t, d0, dim, width_t, stride_hn, stride_hd,
+                                              h_height, h_width, h_scale_h, h_scale_w, stride_yn, stride_yd,
+                                              y_height, y_width, y_scale_h, y_scale_w, H_IDENTITY, Y_IDENTITY,
+                                              BLOCK_D)
             max_h, max_y, sq_h, sq_y, dot = _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot)
     norm_h = max_h * tl.sqrt(sq_h)
     norm_y = max_y * tl.sqrt(sq_y)
@@ -512,11 +512,10 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
         _store_units(z_b + toks[:, None] * stride_zn + ds[None, :], m, dim, v_h, v_y, r_h, r_y, SUM_DIFF, RTNE)
     else:
         for d0 in range(0, dim, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            m = m_t[:, None] & (ds < dim)[None, :]
-            v_h, v_y = _resampled_pair(h_b, y_b, toks, ds, m, width_t, stride_hn, stride_hd, h_height, h_width,
-                                       h_scale_h, h_scale_w, stride_yn, stride_yd, y_height, y_width, y_scale_h,
-                                       y_scale_w, H_IDENTITY, Y_IDENTITY)
+            ds, m, v_h, v_y = _resampled_pair(h_b, y_b, toks, m_t, d0, dim, width_t, stride_hn, stride_hd,
+                                              h_height, h_width, h_scale_h, h_scale_w, stride_yn, stride_yd,
+                                              y_height, y_width, y_scale_h, y_scale_w, H_IDENTITY, Y_IDENTITY,
+                                              BLOCK_D)
             _store_units(z_b + toks[:, None] * stride_zn + ds[None, :], m, dim, v_h, v_y, r_h, r_y, SUM_DIFF,
                          RTNE)
 
