@@ -623,12 +623,16 @@ class Tiles:
         cfg = cls.current(z.element_size())
         if triton_interpreter() or z.device.type != "cuda":
             return cfg
-        programs = batch * triton.cdiv(n_tokens, cfg.panel_block) ** 2
-        if programs >= cfg.small_programs_per_sm * _multiprocessors(z.device):
-            return cfg
-        return dataclasses.replace(cfg, panel_block=cfg.small_block,
-                                   panel_warps=cfg.small_warps, prod_block_d=cfg.small_prod_block_d,
-                                   prod_warps=cfg.small_warps)
+        return cfg.sized_for(batch, n_tokens, _multiprocessors(z.device))
+
+    def sized_for(self, batch: int, n_tokens: int, multiprocessors: int) -> "Tiles":
+        """These tiles, or with the small panel tiles where the large ones would give fewer than
+        small_programs_per_sm programs per multiprocessor (B·tiles² of them)."""
+        programs = batch * triton.cdiv(n_tokens, self.panel_block) ** 2
+        if programs >= self.small_programs_per_sm * multiprocessors:
+            return self
+        return dataclasses.replace(self, panel_block=self.small_block, panel_warps=self.small_warps,
+                                   prod_block_d=self.small_prod_block_d, prod_warps=self.small_warps)
 
 
 TILES = Tiles()

@@ -193,6 +193,18 @@ def test_symmetric_product_with_k_steps_below_the_tile(monkeypatch):
         errors("manifold", h, y, grids, "tiled-symmetric")
 
 
+def test_small_panel_tiles_where_large_ones_leave_multiprocessors_idle():
+    """The GPU tile choice (for_panels; the interpreter always takes its own 16-wide tiles): 64-wide panel
+    tiles below one program per multiprocessor with 128-wide ones, as measured on the H200 (132 of them)."""
+    gpu = manifold.Tiles()
+    assert gpu.sized_for(4, 16 * 16, 132).panel_block == 64     # 4·2² = 16 programs of 128-wide tiles
+    assert gpu.sized_for(16, 8 * 8, 132).panel_block == 64      # sd15_min: 16
+    assert gpu.sized_for(4, 32 * 32, 132).panel_block == 128    # 4·8² = 256
+    assert gpu.sized_for(16, 37 * 37, 132).panel_block == 128   # sdxl_y
+    small = gpu.sized_for(1, 16, 132)
+    assert small.panel_block % small.prod_block_k == 0 and small.prod_block_d == gpu.small_prod_block_d
+
+
 def test_gram_factor_stays_in_float16_range():
     """The Gram factor's entries are sums over N tokens: scaled by 1/N they stay finite in float16 (rows of 8
     here: blocks of 64·N = 65536 at N = 1024, past float16's 65504)."""
