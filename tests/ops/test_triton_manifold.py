@@ -281,16 +281,19 @@ def test_custom_op_called_without_needs_then_backward_is_a_clear_error(op):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_fp16_gradient_survives_a_grad_scaler(algorithm):
+@pytest.mark.parametrize("op", ["manifold", "urepa"])
+def test_fp16_gradient_survives_a_grad_scaler(op, algorithm):
     """The gradient made in the forward waits for the upstream gradient; under a GradScaler (2^16) its small
-    entries must not have been flushed by float16's range before the scale arrives (kept in fp32 meanwhile)."""
+    entries must not have been flushed by float16's range before the scale arrives (kept in fp32 meanwhile;
+    U-REPA adds it inside the cosine term's backward)."""
     # N = 32² tokens: the gradient's entries, O(1/N²)·(S_h − S_y)Ĥ, sit near float16's subnormals unscaled.
     h = tokens(1, (32, 32), 16, seed=25).to(torch.float16)
     y = tokens(1, (23, 29), 16, seed=26).to(torch.float16)
     grids = ((32, 32), (23, 29), (32, 32))
-    scale = torch.full((1, 1), 65536.0)
-    _, grad_h, grad_y = fused("manifold", h, y, grids, scale, algorithm)
-    ref_h, ref_y = reference.loss_gradients("manifold", scale.double(), h.double(), y.double(), *grids, True, True)
+    # U-REPA: the cosine row at a trainer's share of the scale, the manifold row at the whole of it
+    scale = torch.full((1, 1), 65536.0) if op == "manifold" else torch.tensor([[2.0**-4], [1.0]]) * 65536.0
+    _, grad_h, grad_y = fused(op, h, y, grids, scale, algorithm)
+    ref_h, ref_y = reference.loss_gradients(op, scale.double(), h.double(), y.double(), *grids, True, True)
     assert grad_h.dtype == torch.float16 and grad_y.dtype == torch.float16
     assert rel_rmse(grad_h, ref_h) < 2e-3 and rel_rmse(grad_y, ref_y) < 2e-3
 
