@@ -68,6 +68,7 @@ GRAM_FIXED_FLOPS = 4e9
 SMALL_DIM = 128
 # Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars.
 _EPS = tl.constexpr(EPS)  # the normaliser's eps inside the kernels
+_FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal number
 S0, S1, S2, RNORM_H, RNORM_Y, COS = range(6)
 N_STATS = 6
 
@@ -424,8 +425,9 @@ def _resampled_pair(h_b, y_b, toks, m_t, d0, dim, width_t, stride_hn, stride_hd,
 
 @triton.jit
 def _safe_inverse(m):
-    """1/m, and 0 for m = 0 (a zero token stays zero)."""
-    return tl.where(m > 0.0, 1.0 / tl.where(m > 0.0, m, 1.0), 0.0)
+    """1/m for a max-abs m, 0 for m = 0 (a zero token stays zero); m below fp32's smallest normal is taken
+    as that normal, since 1/m would overflow to inf (and 0·inf is NaN) while x/normal ≤ 1 still holds."""
+    return tl.where(m > 0.0, 1.0 / tl.maximum(m, _FLOAT32_TINY), 0.0)
 
 
 @triton.jit

@@ -75,6 +75,21 @@ def test_huge_tokens_give_scale_invariant_values(backend, op, request):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_below_the_normal_range_are_finite(backend, op):
+    """A token whose largest element is below fp32's smallest normal (~1e-38; its norm far below eps, so it
+    acts as a zero vector): finite values equal to the reference's, next to ordinary tokens."""
+    h, y = CASE.inputs(seed=8)
+    h[0, 1] *= 1e-40
+    y[1, 2] *= 1e-40
+    out = values_and_grads(op, h, y, backend)
+    ref = values_and_grads(op, h.double(), y.double(), "reference")
+    for o, r in zip(out, ref):
+        assert torch.isfinite(o).all()
+        assert rel_rmse(o, r) < 1e-5
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs_give_the_contiguous_result(backend, op):
     h, y = CASE.inputs(seed=2)
     h_strided = h.transpose(1, 2).contiguous().transpose(1, 2)   # D-major storage
