@@ -106,18 +106,18 @@ def cosine_fwd_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(count_ptr + b, 1)
     if ticket == programs - 1:
-        tl.store(out_ptr + b, _ordered_sum(p_part, programs, BLOCK_P))
+        tl.store(out_ptr + b, ordered_sum(p_part, programs, BLOCK_P))
         tl.atomic_xchg(count_ptr + b, 0)  # ready for the next launch
         if MEAN:
             tl.debug_barrier()  # this sample's loss is stored before its ticket
             finished = tl.atomic_add(count_ptr + batch, 1)
             if finished == batch - 1:
-                tl.store(mean_ptr, _ordered_sum(out_ptr, batch, BLOCK_B) / batch)
+                tl.store(mean_ptr, ordered_sum(out_ptr, batch, BLOCK_B) / batch)
                 tl.atomic_xchg(count_ptr + batch, 0)
 
 
 @triton.jit
-def _ordered_sum(ptr, count, BLOCK: tl.constexpr):
+def ordered_sum(ptr, count, BLOCK: tl.constexpr):
     """Σ ptr[0:count] in a fixed order (deterministic), read past L1: other programs wrote the values."""
     acc = tl.zeros((BLOCK,), tl.float32)
     for i0 in range(0, count, BLOCK):
@@ -520,6 +520,9 @@ def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row, tiles
         if mean or extra.shape != (batch, target_grid[0] * target_grid[1], dim) or not extra.is_contiguous():
             raise ValueError(f"extra must be a contiguous (B, N_target, D) gradient of a per-sample loss, got "
                              f"{tuple(extra.shape)} with mean={mean}")
+        if extra_grad is None or extra_grad.shape != (batch,):
+            raise ValueError(f"extra_grad must be the (B,) = ({batch},) weights of extra, got "
+                             f"{None if extra_grad is None else tuple(extra_grad.shape)}")
         extra_args = dict(extra_ptr=extra, extra_grad_ptr=extra_grad, EXTRA=True)
     if tuple(x_grid) == tuple(target_grid):
         grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row, tiles)

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interp
+from . import cosine, interp
 from ._runtime import EPS, check_kernel_dtype, triton_interpreter
 
 # "tiled" takes its gradient form by size (_tiled_form); "tiled-symmetric" and "tiled-rows" force one.
@@ -379,20 +379,13 @@ def manifold_fwd_finish_kernel(partial_ptr, cos_ptr, out_ptr, n_partials, n_toke
     loss in the last row and, with COSINE, −(1/N) Σ_n ĥ_n·ŷ_n from the stats plane COS (B, N) in row 0.
     grid (B,)."""
     b = tl.program_id(0)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i0 in range(0, n_partials, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        acc += tl.load(partial_ptr + b * n_partials + i, mask=i < n_partials, other=0.0)
+    loss = cosine.ordered_sum(partial_ptr + b * n_partials, n_partials, BLOCK)
     if COSINE:
-        cos = tl.zeros((BLOCK,), dtype=tl.float32)
-        p_cos = cos_ptr + b.to(tl.int64) * n_tokens
-        for t0 in range(0, n_tokens, BLOCK):
-            t = t0 + tl.arange(0, BLOCK)
-            cos += tl.load(p_cos + t, mask=t < n_tokens, other=0.0)
-        tl.store(out_ptr + b, -tl.sum(cos, axis=0) / n_tokens)
-        tl.store(out_ptr + batch + b, tl.sum(acc, axis=0))
+        cos = cosine.ordered_sum(cos_ptr + b.to(tl.int64) * n_tokens, n_tokens, BLOCK)
+        tl.store(out_ptr + b, -cos / n_tokens)
+        tl.store(out_ptr + batch + b, loss)
     else:
-        tl.store(out_ptr + b, tl.sum(acc, axis=0))
+        tl.store(out_ptr + b, loss)
 
 
 @triton.jit
@@ -966,8 +959,6 @@ def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *,
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b], in one pass per input:
     kernels/cosine.py's backward makes the cosine term from the pre-pass's scalars and adds the forward's
     target-grid manifold gradients, weighted by grad[1], before the transposed resampling they share."""
-    from . import cosine
-
     grad = grad.float().contiguous()
     return cosine.backward(grad[:1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y, saved=saved,
                            extra=parts, extra_grad=grad[1])

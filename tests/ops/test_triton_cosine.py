@@ -249,3 +249,7 @@ def test_backward_extra_term_is_added_before_the_adjoint(case):
     with pytest.raises(ValueError, match="extra must be"):
         cosine.backward(grad[:, :1], h, y, *grids, True, False, saved=saved, mean=True, extra=(extra_h, None),
                         extra_grad=weight)
+    with pytest.raises(ValueError, match="extra_grad must be"):
+        cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=(extra_h, None))
+    with pytest.raises(ValueError, match="extra_grad must be"):
+        cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=(extra_h, None), extra_grad=weight[:0])
