@@ -21,8 +21,9 @@ Data movement. The forward reads h and y once (the taps' re-reads hit L2) and wr
 the three per-token scalars (r_h, r_y, c) and per-program partial sums of the loss, which the last program
 of each sample adds up in a fixed order (one launch, deterministic); for reduction="mean" the last sample
 then takes the batch mean the same way, and the backward reads the mean's gradient directly. Tokens whose
-squares overflow fp32 (elements around 1e20) send their program through a second, rescaled pass (the norms
-taken with each token's max-abs out first), so the loss is scale-invariant at any size. The backward reads
+squares overflow fp32 (elements around 1e20) send their program through two more, rescaled passes (the norms
+taken with each token's max-abs out first), so the loss is scale-invariant for any norm below fp32's largest
+number (~3e38). The backward reads
 those scalars instead of reducing over D again, so it is one streaming pass: read h and y, write the gradient. The
 scalars travel from forward to backward as the op's saved tensor (ops.define_loss_op).
 
@@ -51,14 +52,15 @@ from .interp import (adjoint_blocks, axis_scale, axis_taps, band_store_bound, co
 
 NORM_EPS = tl.constexpr(EPS)
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # the smallest normal
 
 
 @triton.jit
 def _rescaled_sums(h_base, y_base, t, t_mask, dim, width_t, h_rows, h_cols, h_scale_r, h_scale_c, h_sn, h_sd,
                    y_rows, y_cols, y_scale_r, y_scale_c, y_sn, y_sd, H_IDENTITY: tl.constexpr,
                    Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(m_h, m_y, Σ(h/m_h)², Σ(y/m_y)², Σ(h/m_h)(y/m_y)) per token, m the token's max-abs (0 stays 0): the
-    forward's sums for tokens whose squares overflow fp32. Two passes over D."""
+    """(m_h, m_y, Σ(h/m_h)², Σ(y/m_y)², Σ(h/m_h)(y/m_y)) per token, m the token's max-abs (at least fp32's
+    smallest normal): the forward's sums for tokens whose squares overflow fp32. Two passes over D."""
     m_h = tl.zeros((BLOCK_T,), tl.float32)
     m_y = tl.zeros((BLOCK_T,), tl.float32)
     for d0 in range(0, dim, BLOCK_D):
@@ -70,8 +72,9 @@ def _rescaled_sums(h_base, y_base, t, t_mask, dim, width_t, h_rows, h_cols, h_sc
                              Y_IDENTITY)
         m_h = tl.maximum(m_h, tl.max(tl.abs(b_h), 1))
         m_y = tl.maximum(m_y, tl.max(tl.abs(b_y), 1))
-    inv_h = tl.where(m_h > 0.0, 1.0 / tl.where(m_h > 0.0, m_h, 1.0), 0.0)
-    inv_y = tl.where(m_y > 0.0, 1.0 / tl.where(m_y > 0.0, m_y, 1.0), 0.0)
+    # A max-abs below fp32's smallest normal is taken as that normal: 1/m would overflow (and 0·inf is NaN).
+    inv_h = 1.0 / tl.maximum(m_h, FLOAT32_TINY)
+    inv_y = 1.0 / tl.maximum(m_y, FLOAT32_TINY)
     sq_h = tl.zeros((BLOCK_T,), tl.float32)
     sq_y = tl.zeros((BLOCK_T,), tl.float32)
     dot = tl.zeros((BLOCK_T,), tl.float32)
@@ -145,8 +148,9 @@ def cosine_fwd_kernel(
             y_cols, y_scale_r, y_scale_c, y_sn, y_sd, H_IDENTITY, Y_IDENTITY, BLOCK_T, BLOCK_D)
     norm_h = m_h * tl.sqrt(sq_h)
     norm_y = m_y * tl.sqrt(sq_y)
-    r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
-    r_y = 1.0 / tl.maximum(norm_y, NORM_EPS)
+    # Correctly rounded (a GPU's default division is within 2 ulp): the backward reads n > ε as r < 1/ε.
+    r_h = tl.math.div_rn(1.0, tl.maximum(norm_h, NORM_EPS))
+    r_y = tl.math.div_rn(1.0, tl.maximum(norm_y, NORM_EPS))
     cos = dot * (m_h * r_h) * (m_y * r_y)
     p_scal = scal_ptr + b * n_tokens + t
     tl.store(p_scal, r_h, mask=t_mask)

@@ -491,8 +491,9 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
             max_h, max_y, sq_h, sq_y, dot = _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot)
     norm_h = max_h * tl.sqrt(sq_h)
     norm_y = max_y * tl.sqrt(sq_y)
-    r_h = 1.0 / tl.maximum(norm_h, _EPS)
-    r_y = 1.0 / tl.maximum(norm_y, _EPS)
+    # Correctly rounded (a GPU's default division is within 2 ulp): the backwards read n > ε as r < 1/ε.
+    r_h = tl.math.div_rn(1.0, tl.maximum(norm_h, _EPS))
+    r_y = tl.math.div_rn(1.0, tl.maximum(norm_y, _EPS))
     cos = dot * (max_h * r_h) * (max_y * r_y)
     plane = batch * n_tokens
     p_stats = stats_ptr + b.to(tl.int64) * n_tokens + toks

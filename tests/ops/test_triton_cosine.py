@@ -255,17 +255,50 @@ def test_backward_extra_term_is_added_before_the_adjoint(case):
         cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=(extra_h, None), extra_grad=weight[:0])
 
 
-@pytest.mark.parametrize("case", [WIDE_CASES[0], WIDE_CASES[1], BAND_CASES[1]], ids=str)
-def test_tokens_whose_squares_overflow(case):
-    """A few tokens around 1e20 among ordinary ones (their squares overflow fp32): the program that holds
-    them takes its rescaled pass, for all its tokens; losses and gradients match the fp64 reference, and
-    the saved scalars stay finite (r_h, r_y, c rather than products that leave fp32's range)."""
+# Huge tokens on every side: h resampled (band) and y on the target grid (identity), then the other way round
+# (BAND_CASES[4]: both resampled; align "h": y's band backward, h's identity backward).
+OVERFLOW_CASES = [WIDE_CASES[0], WIDE_CASES[1], BAND_CASES[1], BAND_CASES[4], (2, (4, 5), (7, 3), 40, "h")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", OVERFLOW_CASES, ids=str)
+def test_tokens_whose_squares_overflow(case, dtype):
+    """A few tokens around 1e20 among ordinary ones (their squares overflow fp32), and one whose elements are
+    below fp32's normal range next to them: the program that holds them takes its rescaled passes, for all
+    its tokens; losses and gradients match the fp64 reference, per sample and as the batch mean, and the
+    saved scalars (r_h, r_y, c) stay finite."""
+    from repa_fused.kernels import cosine
+
     h, y = make(case, seed=9)
     h[0, :2] *= 1e20
+    h[0, 2] *= 1e-40
     y[-1, -1] *= 3e19
+    h, y = h.to(dtype), y.to(dtype)
     weights = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(10))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     out = run("triton", h, y, case, weights)
     ref = run("reference", h.double(), y.double(), case, weights.double())
     for o, r in zip(out, ref):
         assert torch.isfinite(o).all()
+        assert rel_rmse(o, r) < tol
+    _, saved = cosine.forward(h, y, *grids_of(case))
+    assert torch.isfinite(saved).all() and saved[:2].abs().max() < 1e13
+    _, h_grid, y_grid, _, align = case
+    mean = rf.cosine_alignment_loss(h, y, h_grid=h_grid, y_grid=y_grid, align=align, backend="triton")
+    mean_ref = rf.cosine_alignment_loss(h.double(), y.double(), h_grid=h_grid, y_grid=y_grid, align=align,
+                                        backend="reference")
+    assert rel_rmse(mean, mean_ref) < tol
+
+
+@pytest.mark.parametrize("case", [ODD_CASES[2], BAND_CASES[0]], ids=str)
+def test_tokens_below_eps_are_scaled_not_projected(case):
+    """Non-zero tokens with norms below eps: the normaliser is x/eps there, a plain scaling, so their gradient
+    has no projection (F.normalize's backward); the backward reads n > eps from the saved r < 1/eps."""
+    h, y = make(case, seed=11)
+    h[:, ::3] *= 1e-13
+    y[:, 1::4] *= 1e-13
+    weights = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(12))
+    out = run("triton", h, y, case, weights)
+    ref = run("reference", h.double(), y.double(), case, weights.double())
+    for o, r in zip(out, ref):
         assert rel_rmse(o, r) < 1e-5
