@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import cosine, interp
 from ._runtime import EPS, check_kernel_dtype, triton_interpreter
@@ -115,28 +116,42 @@ def _rounded(x, dtype: tl.constexpr, RTNE: tl.constexpr):
 
 
 @triton.jit
-def _similarity_tiles(z_ptr, stride_n, rows, cols, n_tokens, dim,
+def _similarity_tiles(z_ptr, h_desc, y_desc, stride_n, row0, col0, rows, cols, n_tokens, dim,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                      COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """(Ĥ[rows] Ĥ[cols]ᵀ, Ŷ[rows] Ŷ[cols]ᵀ) in fp32 for one image's Z = [Ĥ | Ŷ]; rows ≥ N read as 0.
-    One K loop with both products (H200, sdxl_y: two loops of one product each took 15% longer)."""
+    One K loop with both products (H200, sdxl_y: two loops of one product each took 15% longer).
+    TMA: the tiles come by the copy engine through h_desc, y_desc (Ĥ, Ŷ over all images' B·N rows; row0,
+    col0 = the tiles' first rows there), which read the next image's rows past N: those products are zeroed."""
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     m_r = rows < n_tokens
     m_c = cols < n_tokens
-    for k0 in range(0, dim, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        m_k = ks < dim
-        p_r = z_ptr + rows[:, None] * stride_n + ks[None, :]
-        p_c = z_ptr + cols[:, None] * stride_n + ks[None, :]
-        m_rk = m_r[:, None] & m_k[None, :]
-        m_ck = m_c[:, None] & m_k[None, :]
-        b_hr = tl.load(p_r, mask=m_rk, other=0.0).to(COMPUTE)
-        b_hc = tl.load(p_c, mask=m_ck, other=0.0).to(COMPUTE)
-        acc_h = tl.dot(b_hr, tl.trans(b_hc), acc_h, input_precision=PRECISION)
-        b_yr = tl.load(p_r + dim, mask=m_rk, other=0.0).to(COMPUTE)
-        b_yc = tl.load(p_c + dim, mask=m_ck, other=0.0).to(COMPUTE)
-        acc_y = tl.dot(b_yr, tl.trans(b_yc), acc_y, input_precision=PRECISION)
+    if TMA:
+        for k0 in range(0, dim, BLOCK_K):
+            b_hr = h_desc.load([row0, k0]).to(COMPUTE)
+            b_hc = h_desc.load([col0, k0]).to(COMPUTE)
+            acc_h = tl.dot(b_hr, tl.trans(b_hc), acc_h, input_precision=PRECISION)
+            b_yr = y_desc.load([row0, k0]).to(COMPUTE)
+            b_yc = y_desc.load([col0, k0]).to(COMPUTE)
+            acc_y = tl.dot(b_yr, tl.trans(b_yc), acc_y, input_precision=PRECISION)
+        inside = m_r[:, None] & m_c[None, :]
+        acc_h = tl.where(inside, acc_h, 0.0)
+        acc_y = tl.where(inside, acc_y, 0.0)
+    else:
+        for k0 in range(0, dim, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            m_k = ks < dim
+            p_r = z_ptr + rows[:, None] * stride_n + ks[None, :]
+            p_c = z_ptr + cols[:, None] * stride_n + ks[None, :]
+            m_rk = m_r[:, None] & m_k[None, :]
+            m_ck = m_c[:, None] & m_k[None, :]
+            b_hr = tl.load(p_r, mask=m_rk, other=0.0).to(COMPUTE)
+            b_hc = tl.load(p_c, mask=m_ck, other=0.0).to(COMPUTE)
+            acc_h = tl.dot(b_hr, tl.trans(b_hc), acc_h, input_precision=PRECISION)
+            b_yr = tl.load(p_r + dim, mask=m_rk, other=0.0).to(COMPUTE)
+            b_yc = tl.load(p_c + dim, mask=m_ck, other=0.0).to(COMPUTE)
+            acc_y = tl.dot(b_yr, tl.trans(b_yc), acc_y, input_precision=PRECISION)
     return acc_h, acc_y
 
 
@@ -151,9 +166,9 @@ def _pair_tiles(pair):
 
 
 @triton.jit
-def manifold_fwd_tiled_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb, stride_zn,
-                              BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+def manifold_fwd_tiled_kernel(z_ptr, h_desc, y_desc, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb,
+                              stride_zn, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Loss only: partial[b, pair] = scale·w·‖(S_h − S_y)[tile i, tile j]‖²_F over tile pairs i ≤ j
     (w = 2 off the diagonal). grid (pairs, B); pair = j(j+1)/2 + i; the partials are summed in a fixed
     order afterwards (deterministic)."""
@@ -162,18 +177,19 @@ def manifold_fwd_tiled_kernel(z_ptr, partial_ptr, n_tokens, dim, n_pairs, scale,
     ti, tj = _pair_tiles(pair)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
-    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, stride_zn, rows, cols, n_tokens,
-                                     dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION)
+    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, h_desc, y_desc, stride_zn,
+                                     b * n_tokens + ti * BLOCK, b * n_tokens + tj * BLOCK, rows, cols, n_tokens,
+                                     dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION, TMA)
     diff = acc_h - acc_y
     total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
     tl.store(partial_ptr + b * n_pairs + pair, tl.where(ti == tj, scale, 2.0 * scale) * total)
 
 
 @triton.jit(do_not_specialize=["item0"])
-def manifold_fwd_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_tokens, dim, row_tiles, item0, scale,
-                              stride_zb, stride_zn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def manifold_fwd_panel_kernel(z_ptr, h_desc, y_desc, panel_ptr, radial_ptr, loss_ptr, n_tokens, dim, row_tiles,
+                              item0, scale, stride_zb, stride_zn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-                              RTNE: tl.constexpr):
+                              RTNE: tl.constexpr, TMA: tl.constexpr):
     """With a gradient, phase 1; grid (column tiles, items of this round), item = b·row_tiles + row tile.
 
     panel[local, :, cols] = (S_h − S_y)[rows, cols] (compute dtype); radial[local, 0|1, tile, :] =
@@ -187,8 +203,9 @@ def manifold_fwd_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_tokens, 
     r_local = tl.arange(0, BLOCK_M)
     rows = (item % row_tiles) * BLOCK_M + r_local
     cols = tj * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, stride_zn, rows, cols, n_tokens,
-                                     dim, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, PRECISION)
+    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, h_desc, y_desc, stride_zn,
+                                     b * n_tokens + (item % row_tiles) * BLOCK_M, b * n_tokens + tj * BLOCK_N,
+                                     rows, cols, n_tokens, dim, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, PRECISION, TMA)
     diff = acc_h - acc_y
     col_tiles = tl.num_programs(0)
     tl.store(loss_ptr + item * col_tiles + tj, scale * tl.sum(tl.sum(diff * diff, axis=1), axis=0))
@@ -204,9 +221,10 @@ def manifold_fwd_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_tokens, 
 
 
 @triton.jit(do_not_specialize=["image0"])
-def manifold_fwd_sym_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_tokens, dim, tiles, n_pairs, image0,
-                                  scale, stride_zb, stride_zn, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  COMPUTE: tl.constexpr, PRECISION: tl.constexpr, RTNE: tl.constexpr):
+def manifold_fwd_sym_panel_kernel(z_ptr, h_desc, y_desc, panel_ptr, radial_ptr, loss_ptr, n_tokens, dim, tiles,
+                                  n_pairs, image0, scale, stride_zb, stride_zn, BLOCK: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                                  RTNE: tl.constexpr, TMA: tl.constexpr):
     """With a gradient, phase 1 by symmetry; grid (tile pairs i ≤ j, images of this round).
 
     One tile of S_h − S_y serves two: it is stored once, at (i, j) of the image's whole panel (tiles·BLOCK
@@ -223,8 +241,9 @@ def manifold_fwd_sym_panel_kernel(z_ptr, panel_ptr, radial_ptr, loss_ptr, n_toke
     r_local = tl.arange(0, BLOCK)
     rows = ti * BLOCK + r_local
     cols = tj * BLOCK + r_local
-    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, stride_zn, rows, cols, n_tokens,
-                                     dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION)
+    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, h_desc, y_desc, stride_zn,
+                                     b * n_tokens + ti * BLOCK, b * n_tokens + tj * BLOCK, rows, cols, n_tokens,
+                                     dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION, TMA)
     diff = acc_h - acc_y
     total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
     tl.store(loss_ptr + b * n_pairs + pair, tl.where(ti == tj, scale, 2.0 * scale) * total)
@@ -251,16 +270,19 @@ def _leave_normaliser(grad, radial, b_own, rnorm):
 
 
 @triton.jit(do_not_specialize=["item0"])
-def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, dim, batch,
-                                   row_tiles, col_tiles, width, item0, own, coef, stride_zb, stride_zn,
-                                   stride_ob, stride_on, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_ptr, panel_desc, column_desc, x_desc,
+                                   n_tokens, dim, batch, row_tiles, col_tiles, width, item0, own, coef, stride_zb,
+                                   stride_zn, stride_ob, stride_on, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                    BLOCK_D: tl.constexpr, SYMMETRIC: tl.constexpr, COMPUTE: tl.constexpr,
-                                   PRECISION: tl.constexpr, RTNE: tl.constexpr):
+                                   PRECISION: tl.constexpr, RTNE: tl.constexpr, TMA: tl.constexpr):
     """With a gradient, phase 2; grid (D chunks, items of this round): the panel (width = padded N) times
     X̂ = Ĥ (own = 0) or Ŷ (own = 1), out of the normaliser: G = coef·(panel @ X̂) (coef = ±4/N²),
     G·x̂ = coef·Σ radial[own] (no second pass over D); out: the target-grid gradient. SYMMETRIC: the panel
     holds only the tiles on and above the diagonal (manifold_fwd_sym_panel_kernel), so the columns left of
-    the row tile are read, transposed, from the column below it."""
+    the row tile are read, transposed, from the column below it. TMA: the operands come by the copy engine,
+    the panel's (BLOCK_M × BLOCK_K) tiles through panel_desc, its transposed ones (BLOCK_K × BLOCK_M) through
+    column_desc, X̂'s through x_desc (over all images' B·N rows: the rows past N are the next image's, and
+    meet the panel's zero columns)."""
     d_chunk = tl.program_id(0)
     local = tl.program_id(1)
     item = item0 + local
@@ -268,11 +290,14 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
     r_local = tl.arange(0, BLOCK_M)
     rows = (item % row_tiles) * BLOCK_M + r_local
     m_r = rows < n_tokens
-    ds = d_chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = d_chunk * BLOCK_D
+    ds = d0 + tl.arange(0, BLOCK_D)
     m_d = ds < dim
     z_b = z_ptr + b.to(tl.int64) * stride_zb
     own_off = own * dim
     p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * width
+    panel_row = local * BLOCK_M  # this item's first row in the round's panel, as (rows, width)
+    x_row = b * n_tokens
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     k_start = 0
     if SYMMETRIC:
@@ -281,16 +306,24 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
         # (image base) + the row tile's columns, read down the rows k < k_start
         p_column = p_panel - k_start * width + k_start + r_local[None, :]
         for k0 in range(0, k_start, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            b_t = tl.load(p_column + ks[:, None] * width).to(COMPUTE)
-            b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :], mask=m_d[None, :],
-                          other=0.0).to(COMPUTE)
+            if TMA:
+                b_t = column_desc.load([panel_row - k_start + k0, k_start]).to(COMPUTE)
+                b_x = x_desc.load([x_row + k0, d0]).to(COMPUTE)
+            else:
+                ks = k0 + tl.arange(0, BLOCK_K)
+                b_t = tl.load(p_column + ks[:, None] * width).to(COMPUTE)
+                b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :], mask=m_d[None, :],
+                              other=0.0).to(COMPUTE)
             acc = tl.dot(tl.trans(b_t), b_x, acc, input_precision=PRECISION)
     for k0 in range(k_start, n_tokens, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        b_p = tl.load(p_panel + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
-        b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :],
-                      mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
+        if TMA:
+            b_p = panel_desc.load([panel_row, k0]).to(COMPUTE)
+            b_x = x_desc.load([x_row + k0, d0]).to(COMPUTE)
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            b_p = tl.load(p_panel + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
+            b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :],
+                          mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
         acc = tl.dot(b_p, b_x, acc, input_precision=PRECISION)
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
     p_radial = radial_ptr + (local * 2 + own) * col_tiles * BLOCK_M + r_local
@@ -594,6 +627,8 @@ class Tiles:
     small_block: int = 64
     small_warps: int = 4
     small_prod_block_d: int = 128
+    # The tl.dot kernels take their operands by TMA (the copy engine) where the GPU has it (_tma).
+    tma: bool = True
 
     @classmethod
     def current(cls, element_size: int = 2) -> "Tiles":
@@ -633,6 +668,23 @@ TILES = Tiles()
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tma(cfg: Tiles, z: torch.Tensor) -> bool:
+    """Whether the tl.dot kernels load by TMA descriptors: cfg.tma, a Hopper or later GPU (or the
+    interpreter, which emulates them), and the 16-byte alignment the copy engine needs (rows of Ĥ and Ŷ
+    start 16-byte aligned: D·element size a multiple of 16)."""
+    if not cfg.tma or z.data_ptr() % 16 or (z.shape[2] // 2 * z.element_size()) % 16:
+        return False
+    return triton_interpreter() or (z.is_cuda and torch.cuda.get_device_capability(z.device)[0] >= 9)
+
+
+def _row_descriptors(z: torch.Tensor, block_rows: int, block_k: int) -> tuple:
+    """TMA descriptors of Z's two halves (Ĥ and Ŷ, or X and Δ), each as (B·N, D) rows, in
+    (block_rows × block_k) tiles."""
+    flat = z.view(-1, z.shape[2])
+    dim = z.shape[2] // 2
+    return tuple(TensorDescriptor.from_tensor(half, [block_rows, block_k]) for half in (flat[:, :dim], flat[:, dim:]))
 
 
 @dataclass
@@ -695,10 +747,12 @@ def _tiled_loss(prep: _Prepared) -> torch.Tensor:
     pairs = tiles * (tiles + 1) // 2
     # (B, pairs) with pairs ≈ N²/(2·BLOCK²): a few KB, summed in a fixed order (deterministic).
     partial = torch.empty(batch, pairs, dtype=torch.float32, device=prep.z.device)
+    tma = _tma(cfg, prep.z)
+    h_desc, y_desc = _row_descriptors(prep.z, cfg.fwd_block, cfg.fwd_block_k) if tma else (prep.z, prep.z)
     manifold_fwd_tiled_kernel[(pairs, batch)](
-        z_ptr=prep.z, partial_ptr=partial, n_tokens=n_tokens, dim=dim, n_pairs=pairs, scale=1.0 / n_tokens**2,
+        z_ptr=prep.z, h_desc=h_desc, y_desc=y_desc, partial_ptr=partial, n_tokens=n_tokens, dim=dim, n_pairs=pairs, scale=1.0 / n_tokens**2,
         stride_zb=prep.z.stride(0), stride_zn=prep.z.stride(1), BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k,
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **prep.dot_args())
+        TMA=tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **prep.dot_args())
     return partial
 
 
@@ -748,28 +802,37 @@ def _tiled_loss_and_grads(prep: _Prepared, grads, algorithm: str = "tiled") -> t
         items = batch * tiles
         rounds = [(item0, min(group, items - item0), None) for item0 in range(0, items, group)]
     radial = torch.empty(panel.numel() // (block * width), 2, tiles, block, dtype=torch.float32, device=z.device)
+    tma = _tma(cfg, z)
+    if tma:
+        h_desc, y_desc = _row_descriptors(z, block, cfg.panel_block_k)
+        x_descs = _row_descriptors(z, cfg.prod_block_k, cfg.prod_block_d)
+        flat_panel = panel.view(-1, width)
+        panel_desc = TensorDescriptor.from_tensor(flat_panel, [block, cfg.prod_block_k])
+        column_desc = TensorDescriptor.from_tensor(flat_panel, [cfg.prod_block_k, block])
+    else:
+        h_desc = y_desc = panel_desc = column_desc = z
+        x_descs = (z, z)
     for item0, count, image0 in rounds:
         if form == "symmetric":
             manifold_fwd_sym_panel_kernel[(pairs, count // tiles)](
-                z_ptr=z, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
+                z_ptr=z, h_desc=h_desc, y_desc=y_desc, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
                 tiles=tiles, n_pairs=pairs, image0=image0, scale=scale, stride_zb=z.stride(0),
-                stride_zn=z.stride(1), BLOCK=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel),
+                stride_zn=z.stride(1), BLOCK=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel), TMA=tma,
                 num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
         else:
             manifold_fwd_panel_kernel[(tiles, count)](
-                z_ptr=z, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
+                z_ptr=z, h_desc=h_desc, y_desc=y_desc, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
                 row_tiles=tiles, item0=item0, scale=scale, stride_zb=z.stride(0), stride_zn=z.stride(1),
-                BLOCK_M=block, BLOCK_N=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel),
+                BLOCK_M=block, BLOCK_N=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel), TMA=tma,
                 num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
         for own, buf in grads:
             manifold_fwd_panel_grad_kernel[(triton.cdiv(dim, cfg.prod_block_d), count)](
                 panel_ptr=panel, radial_ptr=radial, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf,
-                n_tokens=n_tokens, dim=dim, batch=batch, row_tiles=tiles, col_tiles=tiles, width=width,
+                panel_desc=panel_desc, column_desc=column_desc, x_desc=x_descs[own], n_tokens=n_tokens, dim=dim, batch=batch, row_tiles=tiles, col_tiles=tiles, width=width,
                 item0=item0, own=own, coef=(1.0 - 2.0 * own) * 4.0 / n_tokens**2, stride_zb=z.stride(0),
                 stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), BLOCK_M=block,
                 BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, SYMMETRIC=form == "symmetric",
-                RTNE=_rtne(buf), num_warps=cfg.prod_warps,
-                num_stages=cfg.prod_stages, **dot_args)
+                RTNE=_rtne(buf), TMA=tma, num_warps=cfg.prod_warps, num_stages=cfg.prod_stages, **dot_args)
     return loss
 
 

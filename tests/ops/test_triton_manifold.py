@@ -193,6 +193,35 @@ def test_symmetric_product_with_k_steps_below_the_tile(monkeypatch):
         errors("manifold", h, y, grids, "tiled-symmetric")
 
 
+@pytest.mark.parametrize("algorithm", ["tiled-symmetric", "tiled-rows", "loss-only"])
+def test_tma_and_pointer_loads_agree(algorithm, monkeypatch):
+    """The tl.dot kernels' two ways to load (TMA descriptors over all images' rows, which read the next
+    image's tokens past N; masked pointer loads) give the same loss and gradients, on 3 images whose N (63)
+    is no multiple of the tile; D·4 bytes not a multiple of 16 (D = 13) takes the pointer loads."""
+    cfg = manifold.Tiles.current()
+    z = torch.empty(1, 1, 2 * 16, device=DEVICE)
+    assert manifold._tma(cfg, z) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    assert not manifold._tma(cfg, torch.empty(1, 1, 2 * 13, device=DEVICE))
+    assert not manifold._tma(dataclasses.replace(cfg, tma=False), z)
+    h, y = tokens(3, (7, 9), 16, seed=45), tokens(3, (7, 9), 16, seed=46)
+    h[1, 5] = 0.0  # a zero token among them
+    grids = ((7, 9),) * 3
+    runs = []
+    for tma in (True, False):
+        monkeypatch.setattr(manifold.Tiles, "current", classmethod(
+            lambda cls, element_size=2, tma=tma: dataclasses.replace(cfg, tma=tma)))
+        if algorithm == "loss-only":
+            runs.append(manifold.manifold_forward(h, y, *grids, algorithm="tiled")[:1])
+        else:
+            out, _, part_h, part_y = manifold.manifold_forward(h, y, *grids, needs_h=True, needs_y=True,
+                                                               algorithm=algorithm)
+            runs.append((out, part_h, part_y))
+    for by_tma, by_pointer in zip(*runs):
+        torch.testing.assert_close(by_tma, by_pointer, rtol=1e-6, atol=1e-9)
+    ref = reference.LOSSES["manifold"](h.double(), y.double(), *grids)
+    assert rel_rmse(runs[0][0], ref) < 1e-5
+
+
 def test_small_panel_tiles_where_large_ones_leave_multiprocessors_idle():
     """The GPU tile choice (for_panels; the interpreter always takes its own 16-wide tiles): 64-wide panel
     tiles below one program per multiprocessor with 128-wide ones, as measured on the H200 (132 of them)."""
