@@ -9,22 +9,20 @@ n_h = ‖h_t‖, n_y = ‖y_t‖, r_h = 1/max(n_h, ε), r_y = 1/max(n_y, ε), c_
 Gradient. With g_b the upstream gradient of loss_b, ∂loss/∂ĥ_t = −(g_b/N)·ŷ_t, and through the normaliser
 (∂/∂h_t = (G − (G·ĥ)ĥ)/max(n_h, ε), no projection when n_h ≤ ε, as F.normalize's backward):
 
-    ∂/∂h_t = −(g_b/N)·r_h·(r_y·y_t − [n_h > ε]·c_t·r_h·h_t)
-    ∂/∂y_t = −(g_b/N)·r_y·(r_h·h_t − [n_y > ε]·c_t·r_y·y_t)
-
-(each factor in fp32's normal range for any token: a product such as r_h·r_y is not, for tokens around 1e20;
-[n > ε] is r < 1/ε)
+    ∂/∂h_t = −(g_b/N)·(s0_t·y_t − s1_t·h_t),   s0 = r_h·r_y,   s1 = [n_h > ε]·c_t·r_h²
+    ∂/∂y_t = −(g_b/N)·(s0_t·h_t − s2_t·y_t),   s2 = [n_y > ε]·c_t·r_y²
 
 and ∂/∂h is the adjoint resampling of ∂/∂h_t (interp.py).
 
 Data movement. The forward reads h and y once (the taps' re-reads hit L2) and writes only O(B·N) values:
-the three per-token scalars (r_h, r_y, c) and per-program partial sums of the loss, which the last program
+the three per-token scalars (s0, s1, s2) and per-program partial sums of the loss, which the last program
 of each sample adds up in a fixed order (one launch, deterministic); for reduction="mean" the last sample
 then takes the batch mean the same way, and the backward reads the mean's gradient directly. Tokens whose
 squares overflow fp32 (elements around 1e20) send their program through two more, rescaled passes (the norms
 taken with each token's max-abs out first), so the loss is scale-invariant for any norm below fp32's largest
-number (~3e38). The backward reads
-those scalars instead of reducing over D again, so it is one streaming pass: read h and y, write the gradient. The
+number (~3e38); their gradients are ~1/‖x‖ and exact while s1, s2 ~ r² stay in fp32's range (norms below
+~1e19, subnormal beyond). The backward reads those scalars
+instead of reducing over D again, so it is one streaming pass: read h and y, write the gradient. The
 scalars travel from forward to backward as the op's saved tensor (ops.define_loss_op).
 
 Backward kernels. An input already on the target grid takes a flat kernel (one load of each operand per
@@ -148,14 +146,13 @@ def cosine_fwd_kernel(
             y_cols, y_scale_r, y_scale_c, y_sn, y_sd, H_IDENTITY, Y_IDENTITY, BLOCK_T, BLOCK_D)
     norm_h = m_h * tl.sqrt(sq_h)
     norm_y = m_y * tl.sqrt(sq_y)
-    # Correctly rounded (a GPU's default division is within 2 ulp): the backward reads n > ε as r < 1/ε.
-    r_h = tl.math.div_rn(1.0, tl.maximum(norm_h, NORM_EPS))
-    r_y = tl.math.div_rn(1.0, tl.maximum(norm_y, NORM_EPS))
+    r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
+    r_y = 1.0 / tl.maximum(norm_y, NORM_EPS)
     cos = dot * (m_h * r_h) * (m_y * r_y)
     p_scal = scal_ptr + b * n_tokens + t
-    tl.store(p_scal, r_h, mask=t_mask)
-    tl.store(p_scal + plane, r_y, mask=t_mask)
-    tl.store(p_scal + 2 * plane, cos, mask=t_mask)
+    tl.store(p_scal, r_h * r_y, mask=t_mask)
+    tl.store(p_scal + plane, tl.where(norm_h > NORM_EPS, cos * r_h * r_h, 0.0), mask=t_mask)
+    tl.store(p_scal + 2 * plane, tl.where(norm_y > NORM_EPS, cos * r_y * r_y, 0.0), mask=t_mask)
     programs = tl.num_programs(0)
     p_part = scal_ptr + 3 * plane + b * programs
     tl.store(p_part + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
@@ -184,22 +181,6 @@ def ordered_sum(ptr, count, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _token_scalars(s_base, t, t_mask, own_offset, plane):
-    """(r_own, r_other, c) of tokens t: the forward's planes r_h, r_y, c, own_offset at x's own r."""
-    r_own = tl.load(s_base + own_offset + t, mask=t_mask, other=0.0)
-    r_other = tl.load(s_base + plane - own_offset + t, mask=t_mask, other=0.0)
-    c = tl.load(s_base + 2 * plane + t, mask=t_mask, other=0.0)
-    return r_own, r_other, c
-
-
-@triton.jit
-def _cosine_gradient(coef, r_own, r_other, c, b_x, b_z):
-    """coef·r_x·(r_z·z − [n_x > ε]·c·r_x·x) on a tile (the module notes: every factor in range)."""
-    c_own = tl.where(r_own < 1.0 / NORM_EPS, c, 0.0) * r_own
-    return (coef * r_own)[:, None] * (r_other[:, None] * b_z - c_own[:, None] * b_x)
-
-
-@triton.jit
 def cosine_bwd_identity_kernel(
     x_ptr, z_ptr, out_ptr, scal_ptr, grad_ptr, extra_ptr, extra_grad_ptr,
     n_tokens, dim, width_t, own_offset, batch, d_blocks,
@@ -225,9 +206,10 @@ def cosine_bwd_identity_kernel(
     coef = tl.load(grad_ptr + b * grad_stride) * neg_inv_n
     b_x = tl.load(x_base + t[:, None] * x_sn + (offs * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
     b_z = load_resampled(z_base, t, z_sn, offs * z_sd, m, width_t, z_rows, z_cols, z_scale_r, z_scale_c, Z_IDENTITY)
-    r_own, r_other, c = _token_scalars(s_base, t, t_mask, own_offset, batch * n_tokens)
+    s0 = tl.load(s_base + t, mask=t_mask, other=0.0)
+    s_own = tl.load(s_base + own_offset + t, mask=t_mask, other=0.0)
     p_out = out_ptr + b.to(tl.int64) * n_tokens * dim + t[:, None] * dim + offs[None, :]
-    g = _cosine_gradient(coef, r_own, r_other, c, b_x, b_z)
+    g = coef * (s0[:, None] * b_z - s_own[:, None] * b_x)
     if EXTRA:
         extra = tl.load(extra_ptr + b.to(tl.int64) * n_tokens * dim + t[:, None] * dim + offs[None, :], mask=m,
                         other=0.0)
@@ -262,13 +244,12 @@ def _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, di
 
 
 @triton.jit
-def _target_row_loads(x_base, z_base, s_base, e_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, plane, dim,
-                      offs,
+def _target_row_loads(x_base, z_base, s_base, e_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs,
                       x_sn, offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1,
                       z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1, Z_IDENTITY: tl.constexpr,
                       EXTRA: tl.constexpr):
     """Everything target row r's gradient reads, raw (combined later): x's 4 tap tiles, z's tap tiles,
-    the token scalars and (EXTRA) the extra term's row; nothing is read when r ≥ r_hi. (x_c0, x_c1), (z_c0, z_c1):
+    s0, s_own and (EXTRA) the extra term's row; nothing is read when r ≥ r_hi. (x_c0, x_c1), (z_c0, z_c1):
     the column taps."""
     t = r * width_t + c
     # (a [BLOCK_C] comparison, not a scalar one: the interpreter rejects scalar & tensor masks)
@@ -278,22 +259,23 @@ def _target_row_loads(x_base, z_base, s_base, e_base, r, r_hi, c, c_mask, d_mask
                                        False)
     z00, z01, z10, z11 = load_row_taps(z_base, r, c, z_c0, z_c1, z_sn, offs_z, m, z_rows, z_cols, z_scale_r,
                                        Z_IDENTITY)
-    r_own, r_other, cos_t = _token_scalars(s_base, t, c_in, own_offset, plane)
+    s0 = tl.load(s_base + t, mask=c_in, other=0.0)
+    s_own = tl.load(s_base + own_offset + t, mask=c_in, other=0.0)
     if EXTRA:
         extra = tl.load(e_base + t[:, None] * dim + offs[None, :], mask=m, other=0.0)
     else:
-        extra = cos_t
-    return x00, x01, x10, x11, z00, z01, z10, z11, r_own, r_other, cos_t, extra
+        extra = s0
+    return x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra
 
 
 @triton.jit
-def _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, r_own, r_other, cos_t, extra, r, x_lc, x_rows,
-                         x_scale_r, z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY: tl.constexpr,
+def _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra, r, x_lc, x_rows, x_scale_r,
+                         z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY: tl.constexpr,
                          EXTRA: tl.constexpr):
-    """Target row r's gradient from its loads (_cosine_gradient) (+ extra_coef·extra)."""
+    """Target row r's gradient from its loads: coef·(s0·ẑ − s_own·x̃) (+ extra_coef·extra)."""
     b_x = combine_row_taps(x00, x01, x10, x11, r, x_lc, x_rows, x_scale_r, False)
     b_z = combine_row_taps(z00, z01, z10, z11, r, z_lc, z_rows, z_scale_r, Z_IDENTITY)
-    g = _cosine_gradient(coef, r_own, r_other, cos_t, b_x, b_z)
+    g = coef * (s0[:, None] * b_z - s_own[:, None] * b_x)
     if EXTRA:
         g += extra_coef * extra.to(tl.float32)
     return g
@@ -349,7 +331,6 @@ def cosine_bwd_band_kernel(
     z_base = z_ptr + b.to(tl.int64) * z_sb
     out_base = out_ptr + b.to(tl.int64) * x_rows * x_cols * dim
     s_base = scal_ptr + b * n_tokens
-    plane = batch * n_tokens
     coef = tl.load(grad_ptr + b * grad_stride) * neg_inv_n
     extra_coef = 0.0
     if EXTRA:
@@ -367,26 +348,26 @@ def cosine_bwd_band_kernel(
     if STAGES > 1:  # Triton's pipeliner: each row's loads go through shared memory, STAGES - 1 rows ahead
         for k_r in tl.range(0, r_hi - r_lo, num_stages=STAGES):
             r = r_lo + k_r
-            x00, x01, x10, x11, z00, z01, z10, z11, r_own, r_other, cos_t, extra = _target_row_loads(
-                x_base, z_base, s_base, e_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, plane, dim, offs,
-                x_sn, offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0,
-                z_c1, Z_IDENTITY, EXTRA)
-            g = _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, r_own, r_other, cos_t, extra, r, x_lc,
-                                     x_rows, x_scale_r, z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY, EXTRA)
+            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra = _target_row_loads(
+                x_base, z_base, s_base, e_base, r, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs, x_sn,
+                offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1,
+                Z_IDENTITY, EXTRA)
+            g = _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra, r, x_lc, x_rows,
+                                     x_scale_r, z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY, EXTRA)
             acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
                                                 m_j, height_t, x_scale_r, x_rows, PRECISION, MAX_STORES)
     else:
         # Software pipelining by hand: the loads of target row r + 1 are issued before row r's arithmetic.
-        x00, x01, x10, x11, z00, z01, z10, z11, r_own, r_other, cos_t, extra = _target_row_loads(
-            x_base, z_base, s_base, e_base, r_lo, r_hi, c, c_mask, d_mask, width_t, own_offset, plane, dim, offs,
-            x_sn, offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0,
-            z_c1, Z_IDENTITY, EXTRA)
+        x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra = _target_row_loads(
+            x_base, z_base, s_base, e_base, r_lo, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs, x_sn,
+            offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0, z_c1,
+            Z_IDENTITY, EXTRA)
         for k_r in range(r_hi - r_lo):
             r = r_lo + k_r
-            g = _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, r_own, r_other, cos_t, extra, r, x_lc,
-                                     x_rows, x_scale_r, z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY, EXTRA)
-            x00, x01, x10, x11, z00, z01, z10, z11, r_own, r_other, cos_t, extra = _target_row_loads(
-                x_base, z_base, s_base, e_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, plane, dim, offs,
+            g = _target_row_gradient(x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra, r, x_lc, x_rows,
+                                     x_scale_r, z_lc, z_rows, z_scale_r, coef, extra_coef, Z_IDENTITY, EXTRA)
+            x00, x01, x10, x11, z00, z01, z10, z11, s0, s_own, extra = _target_row_loads(
+                x_base, z_base, s_base, e_base, r + 1, r_hi, c, c_mask, d_mask, width_t, own_offset, dim, offs,
                 x_sn, offs_x, x_rows, x_cols, x_scale_r, x_c0, x_c1, z_sn, offs_z, z_rows, z_cols, z_scale_r, z_c0,
                 z_c1, Z_IDENTITY, EXTRA)
             acc_a, acc_b, cur = _add_target_row(g, r, cur, i1, w_cols, acc_a, acc_b, out_base, j, x_cols, dim, offs,
@@ -438,7 +419,7 @@ def _axis(grid, target) -> tuple[int, int, float, float, bool]:
 @functools.lru_cache(maxsize=512)
 def _forward_plan(batch: int, dim: int, h_grid, y_grid, target_grid, mean: bool, tiles: CosineTiles | None = None):
     """(launch grid, scalars shape, runtime args after the pointers, constexprs). The scalars tensor
-    has 4 planes of B·N: r_h, r_y, c, then the programs' partial losses."""
+    has 4 planes of B·N: s0, s1, s2, then the programs' partial losses."""
     n_tokens = target_grid[0] * target_grid[1]
     block_t, block_d, warps = tiles.forward if tiles and tiles.forward else _forward_blocks(dim)
     programs = triton.cdiv(n_tokens, block_t)
@@ -570,7 +551,7 @@ def _launch_forward(h, y, h_grid, y_grid, target_grid, mean, tiles=None):
 
 
 def saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]:
-    """Shape of the scalars the forward hands to the backward: 3 planes of (B, N) (r_h, r_y, c)."""
+    """Shape of the scalars the forward hands to the backward: 3 planes of (B, N) (s0, s1, s2)."""
     return (3, h.shape[0], target_grid[0] * target_grid[1])
 
 
@@ -624,8 +605,8 @@ def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_gri
         grad = grad.to(torch.float32).contiguous()
     if extra_grad is not None and (extra_grad.dtype != torch.float32 or not extra_grad.is_contiguous()):
         extra_grad = extra_grad.to(torch.float32).contiguous()
-    grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 0, tiles, extra[0],
+    grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 1, tiles, extra[0],
                       extra_grad) if needs_h else None
-    grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 1, tiles, extra[1],
+    grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 2, tiles, extra[1],
                       extra_grad) if needs_y else None
     return grad_h, grad_y

@@ -67,11 +67,11 @@ GRAM_EFFICIENCY = 0.85
 GRAM_FIXED_FLOPS = 4e9
 # Up to this width the Gram path multiplies back by its D×D products in fp32 (see _gram_loss_and_grads).
 SMALL_DIM = 128
-# Stats planes (P, B, N) fp32 from the pre-pass: kernels/cosine.py's saved scalars (r_h, r_y, c).
+# Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars.
 _EPS = tl.constexpr(EPS)  # the normaliser's eps inside the kernels
 _FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal number
-RNORM_H, RNORM_Y, COS = range(3)
-N_STATS = 3
+S0, S1, S2, RNORM_H, RNORM_Y, COS = range(6)
+N_STATS = 6
 
 
 def algorithm_costs(n_tokens: int, dim: int, grads: int, symmetric: bool = True) -> dict[str, float]:
@@ -330,7 +330,7 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
     for t in range(col_tiles):
         radial += tl.load(p_radial + t * BLOCK_M)
     m_rd = m_r[:, None] & m_d[None, :]
-    rnorm = tl.load(stats_ptr + (own * batch + b).to(tl.int64) * n_tokens + rows, mask=m_r, other=0.0)
+    rnorm = tl.load(stats_ptr + ((3 + own) * batch + b).to(tl.int64) * n_tokens + rows, mask=m_r, other=0.0)
     b_own = tl.load(z_b + rows[:, None] * stride_zn + own_off + ds[None, :], mask=m_rd, other=0.0).to(tl.float32)
     out = _leave_normaliser(coef * acc, coef * radial, b_own, rnorm)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + rows[:, None] * stride_on + ds[None, :],
@@ -352,7 +352,7 @@ def manifold_fwd_gram_grad_kernel(g_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, di
     z_b = z_ptr + b.to(tl.int64) * stride_zb
     g_b = local.to(tl.int64) * n_tokens * dim
     own_sign = 1.0 - 2.0 * own
-    rnorm = tl.load(stats_ptr + (own * batch + b).to(tl.int64) * n_tokens + toks, mask=m_t, other=0.0)
+    rnorm = tl.load(stats_ptr + ((3 + own) * batch + b).to(tl.int64) * n_tokens + toks, mask=m_t, other=0.0)
     radial = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for pass_ in tl.static_range(2):
         for d0 in range(0, dim, BLOCK_D):
@@ -493,7 +493,8 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
                             ONE_CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                             RTNE: tl.constexpr):
     """Z[b, t] = [ĥ_t | ŷ_t] (or with SUM_DIFF [ĥ_t + ŷ_t | ĥ_t − ŷ_t]) on the target grid, and the stats
-    planes (N_STATS, B, N): r_h, r_y and c = ĥ·ŷ (kernels/cosine.py's saved scalars), r_x = 1/max(‖x‖, eps).
+    planes (P, B, N): s0 = r_h·r_y, s1 = [‖h‖ > eps]·c·r_h², s2 = [‖y‖ > eps]·c·r_y² (kernels/cosine.py's
+    saved scalars), r_h, r_y, c = ĥ·ŷ, with r_x = 1/max(‖x‖, eps).
 
     grid (token blocks, B). Pass 1 takes the norms and the dot (_norms_step), pass 2 writes. ONE_CHUNK
     (BLOCK_D ≥ D): a token's whole row stays in registers between the passes, so h and y are read once;
@@ -524,15 +525,17 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
             max_h, max_y, sq_h, sq_y, dot = _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot)
     norm_h = max_h * tl.sqrt(sq_h)
     norm_y = max_y * tl.sqrt(sq_y)
-    # Correctly rounded (a GPU's default division is within 2 ulp): the backwards read n > ε as r < 1/ε.
-    r_h = tl.math.div_rn(1.0, tl.maximum(norm_h, _EPS))
-    r_y = tl.math.div_rn(1.0, tl.maximum(norm_y, _EPS))
+    r_h = 1.0 / tl.maximum(norm_h, _EPS)
+    r_y = 1.0 / tl.maximum(norm_y, _EPS)
     cos = dot * (max_h * r_h) * (max_y * r_y)
     plane = batch * n_tokens
     p_stats = stats_ptr + b.to(tl.int64) * n_tokens + toks
-    tl.store(p_stats, r_h, mask=m_t)
-    tl.store(p_stats + plane, r_y, mask=m_t)
-    tl.store(p_stats + 2 * plane, cos, mask=m_t)
+    tl.store(p_stats, r_h * r_y, mask=m_t)
+    tl.store(p_stats + plane, tl.where(norm_h > _EPS, cos * r_h * r_h, 0.0), mask=m_t)
+    tl.store(p_stats + 2 * plane, tl.where(norm_y > _EPS, cos * r_y * r_y, 0.0), mask=m_t)
+    tl.store(p_stats + 3 * plane, r_h, mask=m_t)
+    tl.store(p_stats + 4 * plane, r_y, mask=m_t)
+    tl.store(p_stats + 5 * plane, cos, mask=m_t)
     if ONE_CHUNK:
         _store_units(z_b + toks[:, None] * stride_zn + ds[None, :], m, dim, v_h, v_y, r_h, r_y, SUM_DIFF, RTNE)
     else:
@@ -1012,7 +1015,7 @@ def urepa_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_y=F
     the manifold term's gradients), from one pre-pass."""
     losses, stats, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm,
                                                    cosine=True)
-    return losses, stats, part_h, part_y
+    return losses, stats[:3], part_h, part_y
 
 
 def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *, saved, parts):

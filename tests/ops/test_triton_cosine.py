@@ -266,7 +266,7 @@ def test_tokens_whose_squares_overflow(case, dtype):
     """A few tokens around 1e20 among ordinary ones (their squares overflow fp32), and one whose elements are
     below fp32's normal range next to them: the program that holds them takes its rescaled passes, for all
     its tokens; losses and gradients match the fp64 reference, per sample and as the batch mean, and the
-    saved scalars (r_h, r_y, c) stay finite."""
+    saved scalars (s0, s1, s2) stay finite."""
     from repa_fused.kernels import cosine
 
     h, y = make(case, seed=9)
@@ -293,7 +293,7 @@ def test_tokens_whose_squares_overflow(case, dtype):
 @pytest.mark.parametrize("case", [ODD_CASES[2], BAND_CASES[0]], ids=str)
 def test_tokens_below_eps_are_scaled_not_projected(case):
     """Non-zero tokens with norms below eps: the normaliser is x/eps there, a plain scaling, so their gradient
-    has no projection (F.normalize's backward); the backward reads n > eps from the saved r < 1/eps."""
+    has no projection (F.normalize's backward): s1, s2 are 0 there."""
     h, y = make(case, seed=11)
     h[:, ::3] *= 1e-13
     y[:, 1::4] *= 1e-13
