@@ -61,31 +61,31 @@ def _rescaled_sums(h_base, y_base, t, t_mask, dim, width_t, h_rows, h_cols, h_sc
     smallest normal): the forward's sums for tokens whose squares overflow fp32. Two passes over D."""
     m_h = tl.zeros((BLOCK_T,), tl.float32)
     m_y = tl.zeros((BLOCK_T,), tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        m = t_mask[:, None] & (offs < dim)[None, :]
-        b_h = load_resampled(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
-                             H_IDENTITY)
-        b_y = load_resampled(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
-                             Y_IDENTITY)
-        m_h = tl.maximum(m_h, tl.max(tl.abs(b_h), 1))
-        m_y = tl.maximum(m_y, tl.max(tl.abs(b_y), 1))
-    # A max-abs below fp32's smallest normal is taken as that normal: 1/m would overflow (and 0·inf is NaN).
-    inv_h = 1.0 / tl.maximum(m_h, FLOAT32_TINY)
-    inv_y = 1.0 / tl.maximum(m_y, FLOAT32_TINY)
+    inv_h = tl.zeros((BLOCK_T,), tl.float32)
+    inv_y = tl.zeros((BLOCK_T,), tl.float32)
     sq_h = tl.zeros((BLOCK_T,), tl.float32)
     sq_y = tl.zeros((BLOCK_T,), tl.float32)
     dot = tl.zeros((BLOCK_T,), tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        m = t_mask[:, None] & (offs < dim)[None, :]
-        u_h = load_resampled(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
-                             H_IDENTITY) * inv_h[:, None]
-        u_y = load_resampled(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
-                             Y_IDENTITY) * inv_y[:, None]
-        sq_h += tl.sum(u_h * u_h, 1)
-        sq_y += tl.sum(u_y * u_y, 1)
-        dot += tl.sum(u_h * u_y, 1)
+    for pass_ in tl.static_range(2):  # 0: the max-abs; 1: the sums, scaled by it
+        for d0 in range(0, dim, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            m = t_mask[:, None] & (offs < dim)[None, :]
+            b_h = load_resampled(h_base, t, h_sn, offs * h_sd, m, width_t, h_rows, h_cols, h_scale_r, h_scale_c,
+                                 H_IDENTITY)
+            b_y = load_resampled(y_base, t, y_sn, offs * y_sd, m, width_t, y_rows, y_cols, y_scale_r, y_scale_c,
+                                 Y_IDENTITY)
+            if pass_ == 0:
+                m_h = tl.maximum(m_h, tl.max(tl.abs(b_h), 1))
+                m_y = tl.maximum(m_y, tl.max(tl.abs(b_y), 1))
+            else:
+                u_h = b_h * inv_h[:, None]
+                u_y = b_y * inv_y[:, None]
+                sq_h += tl.sum(u_h * u_h, 1)
+                sq_y += tl.sum(u_y * u_y, 1)
+                dot += tl.sum(u_h * u_y, 1)
+        # A max-abs below fp32's smallest normal is taken as that normal: 1/m would overflow (0·inf is NaN).
+        inv_h = 1.0 / tl.maximum(m_h, FLOAT32_TINY)
+        inv_y = 1.0 / tl.maximum(m_y, FLOAT32_TINY)
     return m_h, m_y, sq_h, sq_y, dot
 
 
