@@ -58,7 +58,8 @@ def _rescaled_sums(h_base, y_base, t, t_mask, dim, width_t, h_rows, h_cols, h_sc
                    y_rows, y_cols, y_scale_r, y_scale_c, y_sn, y_sd, H_IDENTITY: tl.constexpr,
                    Y_IDENTITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """(m_h, m_y, Σ(h/m_h)², Σ(y/m_y)², Σ(h/m_h)(y/m_y)) per token, m the token's max-abs (at least fp32's
-    smallest normal): the forward's sums for tokens whose squares overflow fp32. Two passes over D."""
+    smallest normal, the scale the sums are taken at): the forward's sums for tokens whose squares overflow
+    fp32. Two passes over D."""
     m_h = tl.zeros((BLOCK_T,), tl.float32)
     m_y = tl.zeros((BLOCK_T,), tl.float32)
     inv_h = tl.zeros((BLOCK_T,), tl.float32)
@@ -86,7 +87,7 @@ def _rescaled_sums(h_base, y_base, t, t_mask, dim, width_t, h_rows, h_cols, h_sc
         # A max-abs below fp32's smallest normal is taken as that normal: 1/m would overflow (0·inf is NaN).
         inv_h = 1.0 / tl.maximum(m_h, FLOAT32_TINY)
         inv_y = 1.0 / tl.maximum(m_y, FLOAT32_TINY)
-    return m_h, m_y, sq_h, sq_y, dot
+    return tl.maximum(m_h, FLOAT32_TINY), tl.maximum(m_y, FLOAT32_TINY), sq_h, sq_y, dot
 
 
 @triton.jit

@@ -281,8 +281,7 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
     holds only the tiles on and above the diagonal (manifold_fwd_sym_panel_kernel), so the columns left of
     the row tile are read, transposed, from the column below it. TMA: the operands come by the copy engine,
     the panel's (BLOCK_M × BLOCK_K) tiles through panel_desc, its transposed ones (BLOCK_K × BLOCK_M) through
-    column_desc, X̂'s through x_desc (over all images' B·N rows: the rows past N are the next image's, and
-    meet the panel's zero columns)."""
+    column_desc, X̂'s through x_desc (over all images' B·N rows, so only for the K steps that end by N)."""
     d_chunk = tl.program_id(0)
     local = tl.program_id(1)
     item = item0 + local
@@ -315,15 +314,20 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
                 b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :], mask=m_d[None, :],
                               other=0.0).to(COMPUTE)
             acc = tl.dot(tl.trans(b_t), b_x, acc, input_precision=PRECISION)
-    for k0 in range(k_start, n_tokens, BLOCK_K):
-        if TMA:
+    k_masked = k_start  # from here on, masked pointer loads
+    if TMA:
+        # Whole K steps only: a step past N would read the next image's rows, and a non-finite one (from a
+        # non-finite input) times the panel's zero columns is NaN. The partial last step takes the loop below.
+        k_masked = n_tokens // BLOCK_K * BLOCK_K
+        for k0 in range(k_start, k_masked, BLOCK_K):
             b_p = panel_desc.load([panel_row, k0]).to(COMPUTE)
             b_x = x_desc.load([x_row + k0, d0]).to(COMPUTE)
-        else:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            b_p = tl.load(p_panel + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
-            b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :],
-                          mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
+            acc = tl.dot(b_p, b_x, acc, input_precision=PRECISION)
+    for k0 in range(k_masked, n_tokens, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        b_p = tl.load(p_panel + r_local[:, None] * width + ks[None, :]).to(COMPUTE)
+        b_x = tl.load(z_b + ks[:, None] * stride_zn + own_off + ds[None, :],
+                      mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
         acc = tl.dot(b_p, b_x, acc, input_precision=PRECISION)
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
     p_radial = radial_ptr + (local * 2 + own) * col_tiles * BLOCK_M + r_local
@@ -675,11 +679,14 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _tma(cfg: Tiles, z: torch.Tensor) -> bool:
     """Whether the tl.dot kernels load by TMA descriptors: cfg.tma, a Hopper or later GPU (or the
-    interpreter, which emulates them), and the 16-byte alignment the copy engine needs (rows of Ĥ and Ŷ
+    interpreter, which emulates them; NVIDIA), and the 16-byte alignment the copy engine needs (rows of Ĥ and Ŷ
     start 16-byte aligned: D·element size a multiple of 16)."""
     if not cfg.tma or z.data_ptr() % 16 or (z.shape[2] // 2 * z.element_size()) % 16:
         return False
-    return triton_interpreter() or (z.is_cuda and torch.cuda.get_device_capability(z.device)[0] >= 9)
+    if triton_interpreter():
+        return True
+    # NVIDIA only: ROCm reports its own capabilities (MI300: 9.x) and its TMA support is not what was measured.
+    return z.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(z.device)[0] >= 9
 
 
 def _row_descriptors(z: torch.Tensor, block_rows: int, block_k: int) -> tuple:
