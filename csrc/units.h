@@ -39,7 +39,7 @@ inline acc_t row_norm(const acc_t* row, int64_t n) {
   if (std::isfinite(squares)) return std::sqrt(squares);
   acc_t scale = 0;
   for (int64_t d = 0; d < n; ++d) scale = std::max(scale, std::abs(row[d]));
-  if (!std::isfinite(scale)) return scale;  // an inf or NaN element: nothing to rescue
+  if (!std::isfinite(scale)) return scale;  // an inf element: nothing to rescue (a NaN leaves squares NaN)
   acc_t scaled = 0;
   for (int64_t d = 0; d < n; ++d) scaled += (row[d] / scale) * (row[d] / scale);
   return scale * std::sqrt(scaled);

@@ -20,9 +20,9 @@ of each sample adds up in a fixed order (one launch, deterministic); for reducti
 then takes the batch mean the same way, and the backward reads the mean's gradient directly. Tokens whose
 squares overflow fp32 (elements around 1e20) send their program through two more, rescaled passes (the norms
 taken with each token's max-abs out first), so the loss is scale-invariant for any norm below fp32's largest
-number (~3e38); their gradients are ~1/‖x‖ and exact while s1, s2 ~ r² stay in fp32's range (norms below
-~1e19, subnormal beyond). The backward reads those scalars
-instead of reducing over D again, so it is one streaming pass: read h and y, write the gradient. The
+number (~3e38); their gradients are ~1/‖x‖ and exact while s0 = r_h·r_y and s1, s2 ~ r² stay in fp32's
+normal range (norms below ~1e19; subnormal beyond). The backward reads those scalars instead of reducing
+over D again, so it is one streaming pass: read h, y (and an extra term's gradient), write the gradient. The
 scalars travel from forward to backward as the op's saved tensor (ops.define_loss_op).
 
 Backward kernels. An input already on the target grid takes a flat kernel (one load of each operand per
@@ -91,6 +91,22 @@ def _rescaled_sums(h_base, y_base, t, t_mask, dim, width_t, h_rows, h_cols, h_sc
 
 
 @triton.jit
+def store_token_scalars(p_scal, plane, mask, m_h, m_y, sq_h, sq_y, dot):
+    """From tokens' sums taken at scales m_h, m_y (Σ(h/m_h)², Σ(y/m_y)², Σ(h/m_h)(y/m_y)): stores the saved
+    scalars s0, s1, s2 (the module notes) at p_scal + k·plane and returns (r_h, r_y, c). Shared with the
+    U-REPA pre-pass (kernels/manifold.py), whose stats begin with these planes."""
+    norm_h = m_h * tl.sqrt(sq_h)
+    norm_y = m_y * tl.sqrt(sq_y)
+    r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
+    r_y = 1.0 / tl.maximum(norm_y, NORM_EPS)
+    cos = dot * (m_h * r_h) * (m_y * r_y)
+    tl.store(p_scal, r_h * r_y, mask=mask)
+    tl.store(p_scal + plane, tl.where(norm_h > NORM_EPS, cos * r_h * r_h, 0.0), mask=mask)
+    tl.store(p_scal + 2 * plane, tl.where(norm_y > NORM_EPS, cos * r_y * r_y, 0.0), mask=mask)
+    return r_h, r_y, cos
+
+
+@triton.jit
 def cosine_fwd_kernel(
     h_ptr, y_ptr, out_ptr, mean_ptr, scal_ptr, count_ptr,
     n_tokens, dim, width_t, plane, batch,
@@ -145,15 +161,7 @@ def cosine_fwd_kernel(
         m_h, m_y, sq_h, sq_y, dot = _rescaled_sums(
             h_base, y_base, t, t_mask, dim, width_t, h_rows, h_cols, h_scale_r, h_scale_c, h_sn, h_sd, y_rows,
             y_cols, y_scale_r, y_scale_c, y_sn, y_sd, H_IDENTITY, Y_IDENTITY, BLOCK_T, BLOCK_D)
-    norm_h = m_h * tl.sqrt(sq_h)
-    norm_y = m_y * tl.sqrt(sq_y)
-    r_h = 1.0 / tl.maximum(norm_h, NORM_EPS)
-    r_y = 1.0 / tl.maximum(norm_y, NORM_EPS)
-    cos = dot * (m_h * r_h) * (m_y * r_y)
-    p_scal = scal_ptr + b * n_tokens + t
-    tl.store(p_scal, r_h * r_y, mask=t_mask)
-    tl.store(p_scal + plane, tl.where(norm_h > NORM_EPS, cos * r_h * r_h, 0.0), mask=t_mask)
-    tl.store(p_scal + 2 * plane, tl.where(norm_y > NORM_EPS, cos * r_y * r_y, 0.0), mask=t_mask)
+    _, _, cos = store_token_scalars(scal_ptr + b * n_tokens + t, plane, t_mask, m_h, m_y, sq_h, sq_y, dot)
     programs = tl.num_programs(0)
     p_part = scal_ptr + 3 * plane + b * programs
     tl.store(p_part + pid, tl.sum(tl.where(t_mask, cos, 0.0), 0) * neg_inv_n)
@@ -214,7 +222,7 @@ def cosine_bwd_identity_kernel(
     if EXTRA:
         extra = tl.load(extra_ptr + b.to(tl.int64) * n_tokens * dim + t[:, None] * dim + offs[None, :], mask=m,
                         other=0.0)
-        g += tl.load(extra_grad_ptr + b * grad_stride) * extra.to(tl.float32)
+        g += tl.load(extra_grad_ptr + b) * extra.to(tl.float32)
     tl.store(p_out, g.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -335,7 +343,7 @@ def cosine_bwd_band_kernel(
     coef = tl.load(grad_ptr + b * grad_stride) * neg_inv_n
     extra_coef = 0.0
     if EXTRA:
-        extra_coef = tl.load(extra_grad_ptr + b * grad_stride)
+        extra_coef = tl.load(extra_grad_ptr + b)
     e_base = extra_ptr + b.to(tl.int64) * n_tokens * dim
     acc_a = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur`
     acc_b = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)  # source row `cur + 1`
@@ -567,17 +575,11 @@ def forward(h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid, mean:
 def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row, tiles, extra=None, extra_grad=None):
     """∂/∂x (x's dtype, contiguous (B, N_x, D)) given the per-token scalars; z is the other input.
     ``extra``: another term's gradient on the target grid (B, N_t, D), added with the weights
-    ``extra_grad`` (B,) before the adjoint, which it then shares."""
+    ``extra_grad`` (B,) before the adjoint, which it then shares (both as _check_extra leaves them)."""
     batch, n_x, dim = x.shape
     out = torch.empty((batch, n_x, dim), device=x.device, dtype=x.dtype)
     extra_args = dict(extra_ptr=grad, extra_grad_ptr=grad, EXTRA=False)
-    if extra is not None:
-        if mean or extra.shape != (batch, target_grid[0] * target_grid[1], dim) or not extra.is_contiguous():
-            raise ValueError(f"extra must be a contiguous (B, N_target, D) gradient of a per-sample loss, got "
-                             f"{tuple(extra.shape)} with mean={mean}")
-        if extra_grad is None or extra_grad.shape != (batch,):
-            raise ValueError(f"extra_grad must be the (B,) = ({batch},) weights of extra, got "
-                             f"{None if extra_grad is None else tuple(extra_grad.shape)}")
+    if extra is not None:  # checked by backward
         extra_args = dict(extra_ptr=extra, extra_grad_ptr=extra_grad, EXTRA=True)
     if tuple(x_grid) == tuple(target_grid):
         grid, args, meta = _identity_plan(batch, dim, z_grid, target_grid, own_row, tiles)
@@ -594,6 +596,34 @@ def _adjoint(grad, mean, x, z, x_grid, z_grid, target_grid, scal, own_row, tiles
     return out
 
 
+def _check_extra(extra, extra_grad, h, target_grid, needs_h, needs_y, mean):
+    """backward's extra= and extra_grad=, checked once: a pair of (B, N_target, D) contiguous gradients or
+    None, each only for an input whose gradient is taken, with (B,) weights on the same device. Returns
+    extra_grad as contiguous float32 (or None)."""
+    if not isinstance(extra, (tuple, list)) or len(extra) != 2:
+        raise ValueError(f"extra must be a pair (for h, for y) of tensors or None, got {type(extra).__name__}")
+    if all(e is None for e in extra):
+        if extra_grad is not None:
+            raise ValueError("extra_grad was given without an extra term to weigh")
+        return None
+    if mean:
+        raise ValueError("extra must be None with mean=True: it is for per-sample losses")
+    batch, _, dim = h.shape
+    shape = (batch, target_grid[0] * target_grid[1], dim)
+    for name, e, needs in (("extra[0]", extra[0], needs_h), ("extra[1]", extra[1], needs_y)):
+        if e is None:
+            continue
+        if not needs:
+            raise ValueError(f"{name} was given for an input whose gradient is not taken")
+        if tuple(e.shape) != shape or not e.is_contiguous() or e.device != h.device:
+            raise ValueError(f"extra must be contiguous {shape} gradients on {h.device}; {name} is "
+                             f"{tuple(e.shape)} on {e.device}{'' if e.is_contiguous() else ', not contiguous'}")
+    if extra_grad is None or tuple(extra_grad.shape) != (batch,) or extra_grad.device != h.device:
+        raise ValueError(f"extra_grad must be the ({batch},) weights of extra on {h.device}, got "
+                         f"{None if extra_grad is None else (tuple(extra_grad.shape), str(extra_grad.device))}")
+    return extra_grad.to(torch.float32).contiguous()
+
+
 def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_grid, target_grid,
              needs_h: bool, needs_y: bool, *, saved: torch.Tensor, mean: bool = False,
              tiles: CosineTiles | None = None, extra=(None, None), extra_grad: torch.Tensor | None = None):
@@ -604,8 +634,7 @@ def backward(grad: torch.Tensor, h: torch.Tensor, y: torch.Tensor, h_grid, y_gri
     ``extra_grad`` (B,) float32 before the transposed resampling (U-REPA's manifold term shares it)."""
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         grad = grad.to(torch.float32).contiguous()
-    if extra_grad is not None and (extra_grad.dtype != torch.float32 or not extra_grad.is_contiguous()):
-        extra_grad = extra_grad.to(torch.float32).contiguous()
+    extra_grad = _check_extra(extra, extra_grad, h, target_grid, needs_h, needs_y, mean)
     grad_h = _adjoint(grad, mean, h, y, h_grid, y_grid, target_grid, saved, 1, tiles, extra[0],
                       extra_grad) if needs_h else None
     grad_y = _adjoint(grad, mean, y, h, y_grid, h_grid, target_grid, saved, 2, tiles, extra[1],

@@ -8,7 +8,7 @@ Math (docs/design.md), per image b, N target tokens, Ĥ, Ŷ ∈ R^{N×D} the int
 
 One pass. The loss is a scalar per image, so when an input needs a gradient the forward makes it
 there (as fused loss kernels do), sharing each tile of S_h − S_y between the loss and the gradient. It
-stays on the target grid (the op protocol's part, ops.dispatch.part_like): the op's backward scales it by
+stays on the target grid (the op protocol's part, _runtime.part_like): the op's backward scales it by
 the upstream gradient and takes it back through the transposed interpolation in one pass. For U-REPA that
 pass is kernels/cosine.py's backward, which adds the part to the cosine term's gradient before the
 adjoint they share (its EXTRA argument), fed with the per-token scalars the pre-pass writes.
@@ -52,7 +52,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import cosine, interp
-from ._runtime import EPS, check_kernel_dtype, triton_interpreter
+from .cosine import FLOAT32_TINY, NORM_EPS
+from ._runtime import check_kernel_dtype, part_like, triton_interpreter
 
 # "tiled" takes its gradient form by size (_tiled_form); "tiled-symmetric" and "tiled-rows" force one.
 ALGORITHMS = ("auto", "tiled", "gram", "tiled-symmetric", "tiled-rows")
@@ -67,9 +68,8 @@ GRAM_EFFICIENCY = 0.85
 GRAM_FIXED_FLOPS = 4e9
 # Up to this width the Gram path multiplies back by its D×D products in fp32 (see _gram_loss_and_grads).
 SMALL_DIM = 128
-# Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars.
-_EPS = tl.constexpr(EPS)  # the normaliser's eps inside the kernels
-_FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # fp32's smallest normal number
+# Stats planes (P, B, N) fp32 from the pre-pass: the first three are kernels/cosine.py's saved scalars
+# (cosine.store_token_scalars), then r_h, r_y (the products' normaliser reads plane 3 + own) and c.
 S0, S1, S2, RNORM_H, RNORM_Y, COS = range(6)
 N_STATS = 6
 
@@ -91,6 +91,10 @@ def choose_algorithm(n_tokens: int, dim: int, grads: int = 0, algorithm: str = "
     for value, where in ((algorithm, "algorithm"), (ALGORITHM, "REPA_FUSED_MANIFOLD_ALGO")):
         if value not in ALGORITHMS:
             raise ValueError(f"{where} must be one of {ALGORITHMS}, got {value!r}")
+    if grads not in (0, 1, 2):
+        raise ValueError(f"grads must be 0, 1 or 2 (input gradients), got {grads!r}")
+    if batch < 1 or element_size not in (2, 4):
+        raise ValueError(f"batch must be ≥ 1 and element_size 2 or 4 (bytes), got {batch!r} and {element_size!r}")
     forced = algorithm if algorithm != "auto" else ALGORITHM
     if forced != "auto":
         return "tiled" if forced.startswith("tiled") else forced
@@ -166,14 +170,10 @@ def _pair_tiles(pair):
 
 
 @triton.jit
-def manifold_fwd_tiled_kernel(z_ptr, h_desc, y_desc, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb,
-                              stride_zn, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """Loss only: partial[b, pair] = scale·w·‖(S_h − S_y)[tile i, tile j]‖²_F over tile pairs i ≤ j
-    (w = 2 off the diagonal). grid (pairs, B); pair = j(j+1)/2 + i; the partials are summed in a fixed
-    order afterwards (deterministic)."""
-    pair = tl.program_id(0)
-    b = tl.program_id(1)
+def _pair_difference(z_ptr, h_desc, y_desc, b, pair, n_tokens, dim, stride_zb, stride_zn, BLOCK: tl.constexpr,
+                     BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Tile pair number ``pair`` (i ≤ j) of image b: (ti, tj, S_h, S_y, S_h − S_y tiles, and the pair's
+    share of Σ(S_h − S_y)², weighted 2 off the diagonal for the tile (j, i) it stands for)."""
     ti, tj = _pair_tiles(pair)
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
@@ -182,13 +182,27 @@ def manifold_fwd_tiled_kernel(z_ptr, h_desc, y_desc, partial_ptr, n_tokens, dim,
                                      dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION, TMA)
     diff = acc_h - acc_y
     total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-    tl.store(partial_ptr + b * n_pairs + pair, tl.where(ti == tj, scale, 2.0 * scale) * total)
+    return ti, tj, acc_h, acc_y, diff, tl.where(ti == tj, 1.0, 2.0) * total
+
+
+@triton.jit
+def manifold_fwd_tiled_kernel(z_ptr, h_desc, y_desc, partial_ptr, n_tokens, dim, n_pairs, scale, stride_zb,
+                              stride_zn, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Loss only: partial[b, pair] = scale·w·‖(S_h − S_y)[tile i, tile j]‖²_F over tile pairs i ≤ j
+    (w = 2 off the diagonal). grid (pairs, B); pair = j(j+1)/2 + i; the partials are summed in a fixed
+    order afterwards (deterministic)."""
+    pair = tl.program_id(0)
+    b = tl.program_id(1)
+    _, _, _, _, _, total = _pair_difference(z_ptr, h_desc, y_desc, b, pair, n_tokens, dim, stride_zb, stride_zn,
+                                            BLOCK, BLOCK_K, COMPUTE, PRECISION, TMA)
+    tl.store(partial_ptr + b * n_pairs + pair, scale * total)
 
 
 @triton.jit(do_not_specialize=["item0"])
 def manifold_fwd_panel_kernel(z_ptr, h_desc, y_desc, panel_ptr, radial_ptr, loss_ptr, n_tokens, dim, row_tiles,
-                              item0, scale, stride_zb, stride_zn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+                              item0, scale, stride_zb, stride_zn, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                              COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                               RTNE: tl.constexpr, TMA: tl.constexpr):
     """With a gradient, phase 1; grid (column tiles, items of this round), item = b·row_tiles + row tile.
 
@@ -202,16 +216,16 @@ def manifold_fwd_panel_kernel(z_ptr, h_desc, y_desc, panel_ptr, radial_ptr, loss
     b = item // row_tiles
     r_local = tl.arange(0, BLOCK_M)
     rows = (item % row_tiles) * BLOCK_M + r_local
-    cols = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tj * BLOCK_M + tl.arange(0, BLOCK_M)
     acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, h_desc, y_desc, stride_zn,
-                                     b * n_tokens + (item % row_tiles) * BLOCK_M, b * n_tokens + tj * BLOCK_N,
-                                     rows, cols, n_tokens, dim, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, PRECISION, TMA)
+                                     b * n_tokens + (item % row_tiles) * BLOCK_M, b * n_tokens + tj * BLOCK_M,
+                                     rows, cols, n_tokens, dim, BLOCK_M, BLOCK_M, BLOCK_K, COMPUTE, PRECISION, TMA)
     diff = acc_h - acc_y
     col_tiles = tl.num_programs(0)
     tl.store(loss_ptr + item * col_tiles + tj, scale * tl.sum(tl.sum(diff * diff, axis=1), axis=0))
-    p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * col_tiles * BLOCK_N
+    p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * col_tiles * BLOCK_M
     stored = _rounded(diff, panel_ptr.dtype.element_ty, RTNE)
-    tl.store(p_panel + r_local[:, None] * (col_tiles * BLOCK_N) + cols[None, :], stored)
+    tl.store(p_panel + r_local[:, None] * (col_tiles * BLOCK_M) + cols[None, :], stored)
     # The radial terms from the panel as stored: G·x̂ then matches the G the product kernel makes from
     # it, so the projection removes the radial part exactly (a 1-D token's gradient is exactly 0).
     diff = stored.to(tl.float32)
@@ -237,16 +251,12 @@ def manifold_fwd_sym_panel_kernel(z_ptr, h_desc, y_desc, panel_ptr, radial_ptr, 
     pair = tl.program_id(0)
     local = tl.program_id(1)
     b = image0 + local
-    ti, tj = _pair_tiles(pair)
+    ti, tj, acc_h, acc_y, diff, total = _pair_difference(z_ptr, h_desc, y_desc, b, pair, n_tokens, dim, stride_zb,
+                                                         stride_zn, BLOCK, BLOCK_K, COMPUTE, PRECISION, TMA)
+    tl.store(loss_ptr + b * n_pairs + pair, scale * total)
     r_local = tl.arange(0, BLOCK)
     rows = ti * BLOCK + r_local
     cols = tj * BLOCK + r_local
-    acc_h, acc_y = _similarity_tiles(z_ptr + b.to(tl.int64) * stride_zb, h_desc, y_desc, stride_zn,
-                                     b * n_tokens + ti * BLOCK, b * n_tokens + tj * BLOCK, rows, cols, n_tokens,
-                                     dim, BLOCK, BLOCK, BLOCK_K, COMPUTE, PRECISION, TMA)
-    diff = acc_h - acc_y
-    total = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-    tl.store(loss_ptr + b * n_pairs + pair, tl.where(ti == tj, scale, 2.0 * scale) * total)
     width = tiles * BLOCK
     p_image = panel_ptr + local.to(tl.int64) * width * width
     stored = _rounded(diff, panel_ptr.dtype.element_ty, RTNE)
@@ -265,17 +275,18 @@ def manifold_fwd_sym_panel_kernel(z_ptr, h_desc, y_desc, panel_ptr, radial_ptr, 
 def _leave_normaliser(grad, radial, b_own, rnorm):
     """(G − (G·x̂) x̂)·rnorm; below eps the normaliser is a plain scaling, with no projection (as
     F.normalize's backward)."""
-    radial = tl.where(rnorm < 1.0 / _EPS, radial, 0.0)
+    radial = tl.where(rnorm < 1.0 / NORM_EPS, radial, 0.0)
     return (grad - radial[:, None] * b_own) * rnorm[:, None]
 
 
 @triton.jit(do_not_specialize=["item0"])
 def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_ptr, panel_desc, column_desc, x_desc,
-                                   n_tokens, dim, batch, row_tiles, col_tiles, width, item0, own, coef, stride_zb,
+                                   n_tokens, dim, batch, row_tiles, item0, own, coef, stride_zb,
                                    stride_zn, stride_ob, stride_on, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                    BLOCK_D: tl.constexpr, SYMMETRIC: tl.constexpr, COMPUTE: tl.constexpr,
                                    PRECISION: tl.constexpr, RTNE: tl.constexpr, TMA: tl.constexpr):
-    """With a gradient, phase 2; grid (D chunks, items of this round): the panel (width = padded N) times
+    """With a gradient, phase 2; grid (D chunks, items of this round): the panel (square tiles, row_tiles of
+    them across: width = padded N) times
     X̂ = Ĥ (own = 0) or Ŷ (own = 1), out of the normaliser: G = coef·(panel @ X̂) (coef = ±4/N²),
     G·x̂ = coef·Σ radial[own] (no second pass over D); out: the target-grid gradient. SYMMETRIC: the panel
     holds only the tiles on and above the diagonal (manifold_fwd_sym_panel_kernel), so the columns left of
@@ -294,6 +305,7 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
     m_d = ds < dim
     z_b = z_ptr + b.to(tl.int64) * stride_zb
     own_off = own * dim
+    width = row_tiles * BLOCK_M
     p_panel = panel_ptr + local.to(tl.int64) * BLOCK_M * width
     panel_row = local * BLOCK_M  # this item's first row in the round's panel, as (rows, width)
     x_row = b * n_tokens
@@ -330,8 +342,8 @@ def manifold_fwd_panel_grad_kernel(panel_ptr, radial_ptr, z_ptr, stats_ptr, out_
                       mask=(ks < n_tokens)[:, None] & m_d[None, :], other=0.0).to(COMPUTE)
         acc = tl.dot(b_p, b_x, acc, input_precision=PRECISION)
     radial = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    p_radial = radial_ptr + (local * 2 + own) * col_tiles * BLOCK_M + r_local
-    for t in range(col_tiles):
+    p_radial = radial_ptr + (local * 2 + own) * row_tiles * BLOCK_M + r_local
+    for t in range(row_tiles):
         radial += tl.load(p_radial + t * BLOCK_M)
     m_rd = m_r[:, None] & m_d[None, :]
     rnorm = tl.load(stats_ptr + ((3 + own) * batch + b).to(tl.int64) * n_tokens + rows, mask=m_r, other=0.0)
@@ -377,11 +389,12 @@ def manifold_fwd_gram_grad_kernel(g_ptr, z_ptr, stats_ptr, out_ptr, n_tokens, di
 
 @triton.jit
 def manifold_fwd_gram_combine_kernel(zx_ptr, dd_ptr, factor_ptr, partial_ptr, dim, factor_stride, scale,
-                                     factor_scale, SIGN_H: tl.constexpr, SIGN_Y: tl.constexpr,
+                                     factor_scale, SIGN_0: tl.constexpr, SIGN_1: tl.constexpr,
                                      FACTORS: tl.constexpr, BLOCK: tl.constexpr, RTNE: tl.constexpr):
     """Gram path, from the blocks XᵀX, ΔᵀX (zx = [XᵀX; ΔᵀX], (c, 2D, D) fp32) and ΔᵀΔ (dd, (c, D, D)):
     partial[b, tile] = scale·Σ_tile (XᵀX ∘ ΔᵀΔ + ΔᵀX ∘ (ΔᵀX)ᵀ), and for each of the FACTORS gradients
-    (signs SIGN_H then SIGN_Y) its factor factor_scale·[ΔᵀX + s·ΔᵀΔ; XᵀX + s·XᵀΔ] (2D × D, the module notes'
+    (factor k with sign s = SIGN_k: +1 for h's, −1 for y's) its factor factor_scale·[ΔᵀX + s·ΔᵀΔ;
+    XᵀX + s·XᵀΔ] (2D × D, the module notes'
     ½·[ΔᵀX̂; XᵀX̂] times 4; factor_scale = 1/N keeps its entries, sums over N tokens of rows of norm ≤ 2,
     within 4 and so within float16's range). grid (row tiles, column tiles, images of the chunk)."""
     ta = tl.program_id(0)
@@ -402,7 +415,7 @@ def manifold_fwd_gram_combine_kernel(zx_ptr, dd_ptr, factor_ptr, partial_ptr, di
     tl.store(partial_ptr + local * tl.num_programs(0) * tl.num_programs(1) + ta * tl.num_programs(1) + tb,
              scale * total)
     for index in tl.static_range(FACTORS):
-        sign = SIGN_H if index == 0 else SIGN_Y
+        sign = SIGN_0 if index == 0 else SIGN_1
         f_b = factor_ptr + index * factor_stride + local.to(tl.int64) * 2 * square
         tl.store(f_b + at, _rounded((dx + sign * dd) * factor_scale, factor_ptr.dtype.element_ty, RTNE), mask=m)
         tl.store(f_b + square + at, _rounded((xx + sign * dx_t) * factor_scale, factor_ptr.dtype.element_ty, RTNE),
@@ -457,7 +470,7 @@ def _resampled_pair(h_b, y_b, toks, m_t, d0, dim, width_t, stride_hn, stride_hd,
 def _safe_inverse(m):
     """1/m for a max-abs m, 0 for m = 0 (a zero token stays zero); m below fp32's smallest normal is taken
     as that normal, since 1/m would overflow to inf (and 0·inf is NaN) while x/normal ≤ 1 still holds."""
-    return tl.where(m > 0.0, 1.0 / tl.maximum(m, _FLOAT32_TINY), 0.0)
+    return tl.where(m > 0.0, 1.0 / tl.maximum(m, FLOAT32_TINY), 0.0)
 
 
 @triton.jit
@@ -527,16 +540,9 @@ def manifold_prepass_kernel(h_ptr, y_ptr, z_ptr, stats_ptr, batch, n_tokens, dim
                                               y_height, y_width, y_scale_h, y_scale_w, H_IDENTITY, Y_IDENTITY,
                                               BLOCK_D)
             max_h, max_y, sq_h, sq_y, dot = _norms_step(v_h, v_y, max_h, max_y, sq_h, sq_y, dot)
-    norm_h = max_h * tl.sqrt(sq_h)
-    norm_y = max_y * tl.sqrt(sq_y)
-    r_h = 1.0 / tl.maximum(norm_h, _EPS)
-    r_y = 1.0 / tl.maximum(norm_y, _EPS)
-    cos = dot * (max_h * r_h) * (max_y * r_y)
     plane = batch * n_tokens
     p_stats = stats_ptr + b.to(tl.int64) * n_tokens + toks
-    tl.store(p_stats, r_h * r_y, mask=m_t)
-    tl.store(p_stats + plane, tl.where(norm_h > _EPS, cos * r_h * r_h, 0.0), mask=m_t)
-    tl.store(p_stats + 2 * plane, tl.where(norm_y > _EPS, cos * r_y * r_y, 0.0), mask=m_t)
+    r_h, r_y, cos = cosine.store_token_scalars(p_stats, plane, m_t, max_h, max_y, sq_h, sq_y, dot)
     tl.store(p_stats + 3 * plane, r_h, mask=m_t)
     tl.store(p_stats + 4 * plane, r_y, mask=m_t)
     tl.store(p_stats + 5 * plane, cos, mask=m_t)
@@ -626,7 +632,7 @@ class Tiles:
     gram_block: int = 64
     gram_warps: int = 4
     # Panels of S_h − S_y and Gram chunks are processed in rounds that fit this many bytes: peak memory
-    # has no term in N² (a panel row block is BLOCK_M × N), whatever the batch.
+    # has no term in N² (a round holds what fits: whole images' panels, or row panels of BLOCK × N).
     workspace_bytes: int = 32 * 2**20
     # Where 128-wide panel tiles would give fewer programs than this many per multiprocessor (small N,
     # small B), the panels take 64-wide tiles and the products 128-wide D chunks (for_panels).
@@ -690,7 +696,7 @@ def _tma(cfg: Tiles, z: torch.Tensor) -> bool:
 
 
 def _row_descriptors(z: torch.Tensor, block_rows: int, block_k: int) -> tuple:
-    """TMA descriptors of Z's two halves (Ĥ and Ŷ, or X and Δ), each as (B·N, D) rows, in
+    """TMA descriptors of Z's two halves Ĥ and Ŷ, each as (B·N, D) rows, in
     (block_rows × block_k) tiles."""
     flat = z.view(-1, z.shape[2])
     dim = z.shape[2] // 2
@@ -760,9 +766,9 @@ def _tiled_loss(prep: _Prepared) -> torch.Tensor:
     tma = _tma(cfg, prep.z)
     h_desc, y_desc = _row_descriptors(prep.z, cfg.fwd_block, cfg.fwd_block_k) if tma else (prep.z, prep.z)
     manifold_fwd_tiled_kernel[(pairs, batch)](
-        z_ptr=prep.z, h_desc=h_desc, y_desc=y_desc, partial_ptr=partial, n_tokens=n_tokens, dim=dim, n_pairs=pairs, scale=1.0 / n_tokens**2,
-        stride_zb=prep.z.stride(0), stride_zn=prep.z.stride(1), BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k,
-        TMA=tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **prep.dot_args())
+        z_ptr=prep.z, h_desc=h_desc, y_desc=y_desc, partial_ptr=partial, n_tokens=n_tokens, dim=dim,
+        n_pairs=pairs, scale=1.0 / n_tokens**2, stride_zb=prep.z.stride(0), stride_zn=prep.z.stride(1),
+        BLOCK=cfg.fwd_block, BLOCK_K=cfg.fwd_block_k, TMA=tma, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **prep.dot_args())
     return partial
 
 
@@ -825,23 +831,23 @@ def _tiled_loss_and_grads(prep: _Prepared, grads, algorithm: str = "tiled") -> t
     for item0, count, image0 in rounds:
         if form == "symmetric":
             manifold_fwd_sym_panel_kernel[(pairs, count // tiles)](
-                z_ptr=z, h_desc=h_desc, y_desc=y_desc, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
-                tiles=tiles, n_pairs=pairs, image0=image0, scale=scale, stride_zb=z.stride(0),
+                z_ptr=z, h_desc=h_desc, y_desc=y_desc, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss,
+                n_tokens=n_tokens, dim=dim, tiles=tiles, n_pairs=pairs, image0=image0, scale=scale, stride_zb=z.stride(0),
                 stride_zn=z.stride(1), BLOCK=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel), TMA=tma,
                 num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
         else:
             manifold_fwd_panel_kernel[(tiles, count)](
-                z_ptr=z, h_desc=h_desc, y_desc=y_desc, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss, n_tokens=n_tokens, dim=dim,
-                row_tiles=tiles, item0=item0, scale=scale, stride_zb=z.stride(0), stride_zn=z.stride(1),
-                BLOCK_M=block, BLOCK_N=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel), TMA=tma,
+                z_ptr=z, h_desc=h_desc, y_desc=y_desc, panel_ptr=panel, radial_ptr=radial, loss_ptr=loss,
+                n_tokens=n_tokens, dim=dim, row_tiles=tiles, item0=item0, scale=scale, stride_zb=z.stride(0),
+                stride_zn=z.stride(1), BLOCK_M=block, BLOCK_K=cfg.panel_block_k, RTNE=_rtne(panel), TMA=tma,
                 num_warps=cfg.panel_warps, num_stages=cfg.panel_stages, **dot_args)
         for own, buf in grads:
             manifold_fwd_panel_grad_kernel[(triton.cdiv(dim, cfg.prod_block_d), count)](
                 panel_ptr=panel, radial_ptr=radial, z_ptr=z, stats_ptr=prep.stats, out_ptr=buf,
-                panel_desc=panel_desc, column_desc=column_desc, x_desc=x_descs[own], n_tokens=n_tokens, dim=dim, batch=batch, row_tiles=tiles, col_tiles=tiles, width=width,
-                item0=item0, own=own, coef=(1.0 - 2.0 * own) * 4.0 / n_tokens**2, stride_zb=z.stride(0),
-                stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1), BLOCK_M=block,
-                BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, SYMMETRIC=form == "symmetric",
+                panel_desc=panel_desc, column_desc=column_desc, x_desc=x_descs[own], n_tokens=n_tokens, dim=dim,
+                batch=batch, row_tiles=tiles, item0=item0, own=own, coef=(1.0 - 2.0 * own) * 4.0 / n_tokens**2,
+                stride_zb=z.stride(0), stride_zn=z.stride(1), stride_ob=buf.stride(0), stride_on=buf.stride(1),
+                BLOCK_M=block, BLOCK_K=cfg.prod_block_k, BLOCK_D=cfg.prod_block_d, SYMMETRIC=form == "symmetric",
                 RTNE=_rtne(buf), TMA=tma, num_warps=cfg.prod_warps, num_stages=cfg.prod_stages, **dot_args)
     return loss
 
@@ -880,7 +886,7 @@ def _gram_loss_and_grads(prep: _Prepared, grads) -> torch.Tensor:
         manifold_fwd_gram_combine_kernel[(tiles, tiles, count)](
             zx_ptr=zx, dd_ptr=dd, factor_ptr=factors, partial_ptr=partial[b0:], dim=dim,
             factor_stride=count * 2 * dim * dim, scale=0.5 / n_tokens**2, factor_scale=1.0 / n_tokens,
-            SIGN_H=1.0 if grads and grads[0][0] == 0 else -1.0, SIGN_Y=-1.0,
+            SIGN_0=1.0 if grads and grads[0][0] == 0 else -1.0, SIGN_1=-1.0,
             FACTORS=len(grads), BLOCK=block, RTNE=_rtne(factors), num_warps=cfg.gram_warps)
         del zx, dd
         for index, (own, buf) in enumerate(grads):
@@ -893,13 +899,6 @@ def _gram_loss_and_grads(prep: _Prepared, grads) -> torch.Tensor:
                 BLOCK_T=cfg.vec_block_t, BLOCK_D=cfg.vec_block_d, num_warps=cfg.vec_warps)
             del g
     return partial
-
-
-def _part_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a gradient made in the forward is kept in until the backward scales it: the input's, but
-    float32 for float16. The upstream gradient arrives only then, and under a GradScaler it is large (2^16):
-    unscaled, the gradient's small entries sit below float16's range and would round to zero."""
-    return torch.float32 if x.dtype == torch.float16 else x.dtype
 
 
 def _scaled_adjoint(part: torch.Tensor, grad_row: torch.Tensor, like: torch.Tensor, grid, target_grid) -> torch.Tensor:
@@ -920,16 +919,6 @@ def _scaled_adjoint(part: torch.Tensor, grad_row: torch.Tensor, like: torch.Tens
     return out
 
 
-def part_shape(x: torch.Tensor, target_grid) -> tuple[int, int, int]:
-    """The shape of x's part: its gradient on the target grid, (B, N_target, D) (ops.dispatch's protocol)."""
-    return (x.shape[0], target_grid[0] * target_grid[1], x.shape[2])
-
-
-def _target_buffer(x: torch.Tensor, target_grid) -> torch.Tensor:
-    """Where the kernels write x's part: its target-grid gradient in ``_part_dtype(x)``."""
-    return torch.empty(part_shape(x, target_grid), dtype=_part_dtype(x), device=x.device)
-
-
 def _check_dtypes(h, y) -> None:
     # float64 has no tensor-core dot: refused here, as by the cosine kernel (backend="auto" sends float64
     # to the reference).
@@ -938,26 +927,27 @@ def _check_dtypes(h, y) -> None:
 
 
 def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=False, algorithm="auto",
-                   cosine=False):
+                   with_cosine=False):
     """(losses (T, B) fp32, stats (N_STATS, B, N) fp32, part_h | None, part_y | None) of the per-image
     manifold loss (1/N²) Σ_ij (ĥ_i·ĥ_j − ŷ_i·ŷ_j)² (the last row), after the cosine alignment term
-    −(1/N) Σ_n ĥ_n·ŷ_n with ``cosine`` (T = 2). h: (B, N_h, D) on h_grid, y: (B, N_y, D) on y_grid, both
+    −(1/N) Σ_n ĥ_n·ŷ_n with ``with_cosine`` (T = 2). h: (B, N_h, D) on h_grid, y: (B, N_y, D) on y_grid, both
     resampled to target_grid. part_x: the gradient with respect to x resampled to the target grid
-    (part_shape; x's dtype, float32 for float16: _part_dtype; row b: image b's own gradient); the backward
+    (_runtime.part_like: x's dtype, float32 for float16; row b: image b's own gradient); the backward
     scales it and takes it back through the transposed resampling. ``algorithm``: one of ALGORITHMS."""
     _check_dtypes(h, y)
     _, _, dim = h.shape
     n_tokens = target_grid[0] * target_grid[1]
-    if n_tokens * 2 * dim >= 2**31:  # token × feature offsets are int32 in the kernels
-        raise ValueError(f"the Triton manifold kernels index an image's {n_tokens} tokens × 2·{dim} features in "
-                         f"int32, which this exceeds; use backend='cpp' or 'reference' (or fewer tokens per image: "
-                         f"pairs='batch' treats the whole batch as one image)")
+    # Token × feature offsets within an image are int32 in the kernels: Z's (N_target × 2D), h's, y's.
+    if max(n_tokens * 2 * dim, h.shape[1] * dim, y.shape[1] * dim) >= 2**31:
+        raise ValueError(f"the Triton manifold kernels index an image's tokens × features in int32, which "
+                         f"{n_tokens} target tokens (h: {h.shape[1]}, y: {y.shape[1]}) × D = {dim} exceed; use "
+                         f"backend='reference' (or 'cpp' on a CPU), or fewer tokens per image")
     wanted = [(0, h, h_grid)] if needs_h else []
     wanted += [(1, y, y_grid)] if needs_y else []
     choice = choose_algorithm(n_tokens, dim, len(wanted), algorithm, batch=h.shape[0],
                               element_size=torch.promote_types(h.dtype, y.dtype).itemsize)
     prep = _prepare(h, y, h_grid, y_grid, target_grid, sum_diff=choice == "gram")
-    buffers = [(own, _target_buffer(x, target_grid)) for own, x, _ in wanted]
+    buffers = [(own, part_like(x, target_grid)) for own, x, _ in wanted]
     if choice == "gram":
         partial = _gram_loss_and_grads(prep, buffers)
     elif buffers:
@@ -965,10 +955,10 @@ def manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h=False, needs_y=Fal
         partial = _tiled_loss_and_grads(prep, buffers, forced if forced.startswith("tiled") else "tiled")
     else:
         partial = _tiled_loss(prep)
-    losses = torch.empty(2 if cosine else 1, h.shape[0], dtype=torch.float32, device=h.device)
+    losses = torch.empty(2 if with_cosine else 1, h.shape[0], dtype=torch.float32, device=h.device)
     manifold_fwd_finish_kernel[(h.shape[0],)](
         partial_ptr=partial, cos_ptr=prep.stats[COS], out_ptr=losses, n_partials=partial.shape[1],
-        n_tokens=n_tokens, batch=h.shape[0], COSINE=cosine, BLOCK=Tiles.current().finish_block, num_warps=4)
+        n_tokens=n_tokens, batch=h.shape[0], COSINE=with_cosine, BLOCK=Tiles.current().finish_block, num_warps=4)
     parts = [None, None]
     for own, buf in buffers:
         parts[own] = buf
@@ -1019,9 +1009,9 @@ def urepa_saved_shape(h, y, h_grid, y_grid, target_grid) -> tuple[int, int, int]
 
 def urepa_forward(h, y, h_grid, y_grid, target_grid, *, needs_h=False, needs_y=False, algorithm="auto"):
     """((2, B) fp32: row 0 −(1/N) Σ_n ĥ_n·ŷ_n, row 1 the manifold loss; the cosine scalars (3, B, N);
-    the manifold term's gradients), from one pre-pass."""
+    the manifold term's parts, its gradients on the target grid), from one pre-pass."""
     losses, stats, part_h, part_y = manifold_terms(h, y, h_grid, y_grid, target_grid, needs_h, needs_y, algorithm,
-                                                   cosine=True)
+                                                   with_cosine=True)
     return losses, stats[:3], part_h, part_y
 
 
@@ -1029,6 +1019,5 @@ def urepa_backward(grad, h, y, h_grid, y_grid, target_grid, needs_h, needs_y, *,
     """(∂/∂h | None, ∂/∂y | None) of Σ_b grad[0, b]·L_cos[b] + grad[1, b]·L_man[b], in one pass per input:
     kernels/cosine.py's backward makes the cosine term from the pre-pass's scalars and adds the forward's
     target-grid manifold gradients, weighted by grad[1], before the transposed resampling they share."""
-    grad = grad.float().contiguous()
     return cosine.backward(grad[:1], h, y, h_grid, y_grid, target_grid, needs_h, needs_y, saved=saved,
                            extra=parts, extra_grad=grad[1])

@@ -34,7 +34,7 @@ def split(case, rate):
         sum_diff = algorithm == "gram"
         print(f"    pre-pass: {ms(lambda: M._prepare(h, y, *grids, sum_diff)):.3f} ms")
         prep = M._prepare(h, y, *grids, sum_diff)
-        buf = M._target_buffer(h, case.target_grid)
+        buf = M.part_like(h, case.target_grid)
         if sum_diff:
             core = lambda: M._gram_loss_and_grads(prep, [(0, buf)])
         else:

@@ -8,7 +8,6 @@ writes DIR/manifold_scaling.json and DIR/manifold_scaling.png.
 """
 
 import argparse
-import json
 import os
 
 import torch
@@ -71,8 +70,7 @@ def main():
     args = parser.parse_args()
     report = sweep(args.sides, args.reps, torch.device("cuda"))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "manifold_scaling.json"), "w") as out:
-        json.dump(report, out, indent=2)
+    benchmarks.write_json(report, os.path.join(args.out, "manifold_scaling.json"))
     try:
         plot(report, os.path.join(args.out, "manifold_scaling.png"))
     except ImportError as error:

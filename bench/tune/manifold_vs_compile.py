@@ -8,7 +8,6 @@ writes DIR/manifold_vs_compile.json and prints one line per shape.
 """
 
 import argparse
-import json
 import os
 
 import torch
@@ -54,8 +53,8 @@ def main():
         rows += result
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "manifold_vs_compile.json"), "w") as f:
-        json.dump({"environment": benchmarks.environment(device), "results": rows}, f, indent=1)
+    benchmarks.write_json({"environment": benchmarks.environment(device), "results": rows},
+                          os.path.join(args.out, "manifold_vs_compile.json"))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..kernels._runtime import part_like
 from . import reference
 
 OP_NAMES = ("cosine", "manifold", "urepa")
@@ -50,13 +51,6 @@ BackwardImpl = Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor
 # None for a backend that saves nothing.
 
 NOTHING_SAVED = (0,)
-
-
-def part_like(x: torch.Tensor, target_grid) -> torch.Tensor:
-    """An empty part of x (the grad_in_forward protocol above): (B, N_target, D), x's dtype, float32 for
-    float16."""
-    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-    return x.new_empty((x.shape[0], target_grid[0] * target_grid[1], x.shape[2]), dtype=dtype)
 
 
 @dataclass(frozen=True)

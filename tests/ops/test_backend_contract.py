@@ -53,7 +53,7 @@ def test_zero_vectors_are_finite_and_match_the_reference(backend, op):
         assert rel_rmse(o, r) < 1e-5
 
 
-# The Triton cosine backward's saved scalars s1, s2 ~ r² are subnormal for norms past ~1e19 (kept so, for its
+# The Triton cosine backward's saved scalars s0 = r_h·r_y, s1, s2 ~ r² are subnormal for norms past ~1e19 (kept so, for its
 # speed: docs/cosine.md), so its gradients there carry ~13 bits; its loss is exact.
 HUGE_TOKEN_GRADIENT_TOLERANCE = {("triton", "cosine"): 1e-3}
 
@@ -76,10 +76,13 @@ def test_huge_tokens_give_scale_invariant_values(backend, op):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tokens_below_the_normal_range_are_finite(backend, op):
     """A token whose largest element is below fp32's smallest normal (~1e-38; its norm far below eps, so it
-    acts as a zero vector): finite values equal to the reference's, next to ordinary tokens."""
+    acts as a zero vector): finite values equal to the reference's, next to ordinary tokens, a zero token,
+    and a token around 1e20 (which sends its neighbours through the overflow-safe norms too)."""
     h, y = CASE.inputs(seed=8)
     h[0, 1] *= 1e-40
     y[1, 2] *= 1e-40
+    y[1, 0] *= 1e20
+    y[0, 0] = 0.0
     out = values_and_grads(op, h, y, backend)
     ref = values_and_grads(op, h.double(), y.double(), "reference")
     for o, r in zip(out, ref):

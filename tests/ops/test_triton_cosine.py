@@ -224,10 +224,11 @@ def test_tile_configs_agree(case, stages):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [ODD_CASES[2], BAND_CASES[0]], ids=str)
+# identity and band (rows downsampled: Triton's pipeliner; ODD_CASES[4], h upsampled: the hand-pipelined loop)
+@pytest.mark.parametrize("case", [ODD_CASES[2], BAND_CASES[0], ODD_CASES[4]], ids=str)
 def test_backward_extra_term_is_added_before_the_adjoint(case):
     """extra=: another term's target-grid gradient, weighted per sample, shares the adjoint; it equals that
-    gradient taken back by the reference's transposed interpolation and added."""
+    gradient taken back by the reference's transposed interpolation and added. Misuse is a clear error."""
     from repa_fused.kernels import cosine
 
     h, y = make(case, seed=7)
@@ -253,6 +254,12 @@ def test_backward_extra_term_is_added_before_the_adjoint(case):
         cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=(extra_h, None))
     with pytest.raises(ValueError, match="extra_grad must be"):
         cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=(extra_h, None), extra_grad=weight[:0])
+    with pytest.raises(ValueError, match="extra must be a pair"):
+        cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=extra_h, extra_grad=weight)
+    with pytest.raises(ValueError, match=r"extra\[1\] was given for an input whose gradient is not taken"):
+        cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra=(extra_h, extra_y), extra_grad=weight)
+    with pytest.raises(ValueError, match="extra_grad was given without an extra term"):
+        cosine.backward(grad, h, y, *grids, True, False, saved=saved, extra_grad=weight)
 
 
 # Huge tokens on every side: h resampled (band) and y on the target grid (identity), then the other way round
@@ -275,19 +282,19 @@ def test_tokens_whose_squares_overflow(case, dtype):
     y[-1, -1] *= 3e19
     h, y = h.to(dtype), y.to(dtype)
     weights = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(10))
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradients, in the inputs' dtype; the losses are fp32
     out = run("triton", h, y, case, weights)
     ref = run("reference", h.double(), y.double(), case, weights.double())
-    for o, r in zip(out, ref):
+    for o, r, t in zip(out, ref, (1e-5, tol, tol)):
         assert torch.isfinite(o).all()
-        assert rel_rmse(o, r) < tol
+        assert rel_rmse(o, r) < t
     _, saved = cosine.forward(h, y, *grids_of(case))
-    assert torch.isfinite(saved).all() and saved[:2].abs().max() < 1e13
+    assert torch.isfinite(saved).all() and saved.abs().max() < 1e13
     _, h_grid, y_grid, _, align = case
     mean = rf.cosine_alignment_loss(h, y, h_grid=h_grid, y_grid=y_grid, align=align, backend="triton")
     mean_ref = rf.cosine_alignment_loss(h.double(), y.double(), h_grid=h_grid, y_grid=y_grid, align=align,
                                         backend="reference")
-    assert rel_rmse(mean, mean_ref) < tol
+    assert rel_rmse(mean, mean_ref) < 1e-5
 
 
 @pytest.mark.parametrize("case", [ODD_CASES[2], BAND_CASES[0]], ids=str)

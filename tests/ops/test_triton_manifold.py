@@ -268,11 +268,18 @@ def test_gram_factor_stays_in_float16_range():
     """The Gram factor's entries are sums over N tokens: scaled by 1/N they stay finite in float16 (rows of 8
     here: blocks of 64·N = 65536 at N = 1024, past float16's 65504)."""
     batch, n_tokens, dim = 1, 1024, 136
-    z = torch.full((batch, n_tokens, 2 * dim), 8.0, dtype=torch.float16, device=DEVICE)
-    prep = manifold._Prepared(z, torch.ones(manifold.N_STATS, batch, n_tokens, device=DEVICE))
-    buf = torch.empty(batch, n_tokens, dim, device=DEVICE)
-    partial = manifold._gram_loss_and_grads(prep, [(0, buf)])
-    assert torch.isfinite(buf).all() and torch.isfinite(partial).all()
+    runs = []
+    for dtype in (torch.float16, torch.float32):
+        z = torch.full((batch, n_tokens, 2 * dim), 8.0, dtype=dtype, device=DEVICE)
+        prep = manifold._Prepared(z, torch.ones(manifold.N_STATS, batch, n_tokens, device=DEVICE))
+        buf = torch.empty(batch, n_tokens, dim, device=DEVICE)
+        partial = manifold._gram_loss_and_grads(prep, [(0, buf)])
+        runs.append((buf, partial))
+    (half, half_partial), (full, full_partial) = runs
+    assert torch.isfinite(half).all() and torch.isfinite(half_partial).all()
+    # X = Δ = 8: every block entry is 64·N, so Σ partials = (1/2N²)·D²·2·(64N)² = 4096·D²
+    assert half_partial.sum().item() == pytest.approx(4096 * dim**2, rel=1e-5)
+    assert full.abs().max() > 0 and rel_rmse(half, full) < 1e-2
 
 
 def test_cost_model_and_argument(monkeypatch):
@@ -285,6 +292,23 @@ def test_cost_model_and_argument(monkeypatch):
     assert manifold.choose_algorithm(16, 1024, algorithm="gram") == "gram"
     with pytest.raises(ValueError, match="algorithm"):
         manifold.choose_algorithm(16, 16, algorithm="fastest")
+    with pytest.raises(ValueError, match="grads must be 0, 1 or 2"):
+        manifold.choose_algorithm(16, 16, grads=3)
+    with pytest.raises(ValueError, match="batch must be ≥ 1"):
+        manifold.choose_algorithm(16, 16, batch=0)
+    with pytest.raises(ValueError, match="element_size 2 or 4"):
+        manifold.choose_algorithm(16, 16, element_size=8)
+
+
+@pytest.mark.parametrize("target", [(256, 256), (1, 1)])  # Z's offsets, then h's own
+def test_offsets_past_int32_are_refused(target):
+    """Token × feature offsets within an image are int32 in the kernels: an image past them is refused, by
+    the target grid's Z (N·2D) or an input's own (N_h·D), before any memory is taken (stride-0 inputs)."""
+    big = torch.zeros(1, 1, 1, device=DEVICE).expand(1, 256 * 256, 2**15)
+    small = torch.zeros(1, 1, 1, device=DEVICE).expand(1, 1, 2**15)
+    y, y_grid = (big, (256, 256)) if target == (256, 256) else (small, (1, 1))
+    with pytest.raises(ValueError, match="int32.*backend='reference'"):
+        manifold.manifold_forward(big, y, (256, 256), y_grid, target)
 
 
 def test_public_api_reduction_none_matches_independent_formula():
